@@ -1,0 +1,399 @@
+"""Configuration and backends of the server extension.
+
+Two backends answer the handlers' questions:
+
+- :class:`BrokerBackend` (under JupyterHub): forwards to the broker's REST API with the
+  single-user server's Hub token, using tornado's non-blocking ``AsyncHTTPClient`` and
+  short timeouts.
+- :class:`AgentBackend` (no broker, ``ELASTIC_GPU_AGENT`` set): asks one agent for its
+  inventory through ``jupyter_elastic_gpu.agent.client.query_inventory`` in a worker thread.
+
+Both raise :class:`BackendError` with an HTTP status and a message the sidebar shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import inspect
+import json
+import os
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from traitlets import Float, Unicode, default
+from traitlets.config import Configurable
+
+BROKER_SERVICE_PATH = "services/elastic-gpu/api/"
+
+
+class BackendError(Exception):
+    """A failure the UI should render: ``status`` is the HTTP status we answer with."""
+
+    def __init__(self, status: int, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+def broker_url_from_hub_api(api_url: str) -> str:
+    """``http://h:8081/prefix/hub/api`` -> ``http://h:8081/prefix/services/elastic-gpu/api/``."""
+    parts = urlsplit(api_url)
+    path = parts.path.rstrip("/")
+    if path.endswith("/hub/api"):
+        path = path[: -len("hub/api")]
+    elif path.endswith("/api"):
+        path = path[: -len("api")]
+    else:
+        path = "/"
+    if not path.endswith("/"):
+        path += "/"
+    return urlunsplit((parts.scheme, parts.netloc, path + BROKER_SERVICE_PATH, "", ""))
+
+
+def strip_secrets(obj: Any) -> Any:
+    """Drop lease tokens (data-plane credentials) from anything we send to the browser."""
+    if isinstance(obj, dict):
+        return {k: strip_secrets(v) for k, v in obj.items() if k != "token"}
+    if isinstance(obj, list):
+        return [strip_secrets(v) for v in obj]
+    return obj
+
+
+class ElasticGPUServerExtension(Configurable):
+    """Settings of the jupyter-elastic-gpu single-user server extension."""
+
+    broker_url = Unicode(
+        help="""Base URL of the broker's REST API (ends with ``/services/elastic-gpu/api/``).
+
+        Default: env ``ELASTIC_GPU_BROKER_URL``; else, under JupyterHub, the host of
+        ``JUPYTERHUB_API_URL`` + ``/services/elastic-gpu/api/``; else empty (no broker).""",
+    ).tag(config=True)
+
+    @default("broker_url")
+    def _default_broker_url(self) -> str:
+        url = os.environ.get("ELASTIC_GPU_BROKER_URL", "")
+        if url:
+            return url
+        api_url = os.environ.get("JUPYTERHUB_API_URL", "")
+        if api_url:
+            return broker_url_from_hub_api(api_url)
+        return ""
+
+    agent_address = Unicode(
+        help="``HOST:PORT`` of a local agent, used when no broker is configured "
+        "(default: env ``ELASTIC_GPU_AGENT``).",
+    ).tag(config=True)
+
+    @default("agent_address")
+    def _default_agent_address(self) -> str:
+        return os.environ.get("ELASTIC_GPU_AGENT", "")
+
+    api_token = Unicode(
+        help="Token sent to the broker (default: env ``JUPYTERHUB_API_TOKEN``). Never sent "
+        "to the browser.",
+    ).tag(config=False)
+
+    @default("api_token")
+    def _default_api_token(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+
+    connect_timeout = Float(2.0, help="Seconds to wait for a connection to the broker/agent.").tag(
+        config=True
+    )
+    request_timeout = Float(5.0, help="Seconds to wait for a broker/agent answer.").tag(config=True)
+
+    @property
+    def mode(self) -> str:
+        if self.broker_url:
+            return "broker"
+        if self.agent_address:
+            return "agent"
+        return "none"
+
+    def describe(self) -> str:
+        if self.mode == "broker":
+            return f"broker at {self.broker_url}"
+        if self.mode == "agent":
+            return f"local agent at {self.agent_address} (no broker)"
+        return "no broker or agent configured"
+
+    def backend(self) -> BrokerBackend | AgentBackend:
+        if self.mode == "broker":
+            return BrokerBackend(self)
+        if self.mode == "agent":
+            return AgentBackend(self)
+        raise BackendError(
+            503,
+            "No GPU broker or agent configured: set ELASTIC_GPU_BROKER_URL (or run under "
+            "JupyterHub) or ELASTIC_GPU_AGENT=host:port.",
+            "not_configured",
+        )
+
+
+class BrokerBackend:
+    mode = "broker"
+
+    def __init__(self, ext: ElasticGPUServerExtension):
+        self.ext = ext
+        base = ext.broker_url
+        self.base = base if base.endswith("/") else base + "/"
+
+    async def get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        url = self.base + path
+        if params:
+            url += "?" + urlencode(params)
+        headers = {"Accept": "application/json"}
+        if self.ext.api_token:
+            headers["Authorization"] = f"token {self.ext.api_token}"
+        req = HTTPRequest(
+            url,
+            method="GET",
+            headers=headers,
+            connect_timeout=self.ext.connect_timeout,
+            request_timeout=self.ext.request_timeout,
+            follow_redirects=False,
+        )
+        try:
+            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
+        except (HTTPClientError, OSError, asyncio.TimeoutError) as e:
+            raise BackendError(
+                503, f"GPU broker unreachable at {self.base}: {e}", "unreachable"
+            ) from e
+        if resp.code == 599:  # tornado's code for connection errors and timeouts
+            raise BackendError(
+                503, f"GPU broker unreachable at {self.base}: {resp.error}", "unreachable"
+            )
+        body: Any = None
+        if resp.body:
+            try:
+                body = json.loads(resp.body)
+            except ValueError:
+                body = None
+        if resp.code >= 400:
+            msg = body.get("message") if isinstance(body, dict) else None
+            if resp.code >= 500:
+                raise BackendError(
+                    502, f"GPU broker error ({resp.code}): {msg or resp.reason}", "broker_error"
+                )
+            raise BackendError(
+                resp.code, msg or f"GPU broker refused: {resp.code} {resp.reason}", "refused"
+            )
+        if resp.code >= 300:
+            raise BackendError(
+                502, f"GPU broker answered {resp.code} at {url} (wrong broker_url?)", "bad_answer"
+            )
+        if body is None:
+            raise BackendError(502, f"GPU broker sent a non-JSON answer for {path}", "bad_answer")
+        return body
+
+    async def me(self) -> dict[str, Any]:
+        me = await self.get("me")
+        me.setdefault("leases", [])
+        me.setdefault("queue", [])
+        return me
+
+    async def pool(self) -> dict[str, Any]:
+        return await self.get("pool")
+
+    async def leases(self, all_users: bool) -> dict[str, Any]:
+        return await self.get("leases", {"all": "true"} if all_users else None)
+
+    async def usage(self) -> dict[str, Any]:
+        return await self.get("usage")
+
+    async def sessions(self, user: str | None = None) -> list[dict[str, Any]]:
+        """My data-plane sessions (idle ones may be swapped to host), best effort.
+
+        Uses ``sessions`` in the broker's pool answer when it has them, else asks each
+        live agent's inventory; unreachable agents are skipped.
+        """
+        me = await self.me()
+        user = me.get("user")
+        pool = await self.pool()
+        out: list[dict[str, Any]] = []
+        to_query = []
+        for agent in pool.get("agents", []):
+            if not agent.get("alive", True):
+                continue
+            if isinstance(agent.get("sessions"), list):
+                sessions = agent["sessions"]
+            elif agent.get("address"):
+                to_query.append(agent)
+                continue
+            else:
+                continue
+            out.extend(_tag_sessions(sessions, agent, user))
+        if to_query:
+            results = await asyncio.gather(
+                *(query_inventory(a["address"], self.ext.request_timeout) for a in to_query),
+                return_exceptions=True,
+            )
+            for agent, inv in zip(to_query, results, strict=True):
+                if isinstance(inv, BaseException) or not isinstance(inv, dict):
+                    continue
+                out.extend(_tag_sessions(inv.get("sessions", []), agent, user))
+        return out
+
+
+def _tag_sessions(sessions: list[Any], agent: dict[str, Any], user: Any) -> list[dict[str, Any]]:
+    out = []
+    for s in sessions:
+        if not isinstance(s, dict):
+            continue
+        if user is not None and s.get("user") not in (None, user):
+            continue  # never show another user's sessions
+        if user is None and s.get("user") is not None:
+            continue
+        item = dict(s)
+        item["agent"] = {"id": agent.get("id"), "address": agent.get("address")}
+        out.append(item)
+    return out
+
+
+async def query_inventory(address: str, timeout: float) -> dict[str, Any]:
+    """Call the agent's inventory query without blocking the event loop."""
+    try:
+        from jupyter_elastic_gpu.agent.client import query_inventory as _query
+    except Exception as e:
+        raise BackendError(
+            503,
+            f"GPU agent unreachable at {address}: the agent client is not available ({e})",
+            "agent_unreachable",
+        ) from e
+    loop = asyncio.get_running_loop()
+    try:
+        if inspect.iscoroutinefunction(_query):
+            result = await asyncio.wait_for(_query(address), timeout)
+        else:
+            result = await asyncio.wait_for(loop.run_in_executor(None, _query, address), timeout)
+    except asyncio.TimeoutError as e:
+        raise BackendError(
+            503,
+            f"GPU agent unreachable at {address}: no answer in {timeout:g}s",
+            "agent_unreachable",
+        ) from e
+    except BackendError:
+        raise
+    except Exception as e:
+        raise BackendError(
+            503, f"GPU agent unreachable at {address}: {e}", "agent_unreachable"
+        ) from e
+    if not isinstance(result, dict):
+        raise BackendError(502, f"GPU agent at {address} sent a malformed inventory", "bad_answer")
+    return result
+
+
+class AgentBackend:
+    """Single-user mode: one local agent, no broker, no quotas."""
+
+    mode = "agent"
+
+    def __init__(self, ext: ElasticGPUServerExtension):
+        self.ext = ext
+        self.address = ext.agent_address
+
+    async def inventory(self) -> dict[str, Any]:
+        return await query_inventory(self.address, self.ext.request_timeout)
+
+    def _agent_entry(self, inv: dict[str, Any]) -> dict[str, Any]:
+        info = inv.get("agent") or {}
+        sessions = [s for s in inv.get("sessions", []) if isinstance(s, dict)]
+        gpus = []
+        for i, g in enumerate(inv.get("gpus", [])):
+            if not isinstance(g, dict):
+                continue
+            g = dict(g)
+            g.setdefault("index", i)
+            if "slices" not in g:
+                g["slices"] = [
+                    {"lease": None, "fraction": s.get("fraction"), "user": s.get("user")}
+                    for s in sessions
+                    if s.get("attached") and _session_on_gpu(s, g["index"])
+                ]
+            gpus.append(g)
+        return {
+            "id": info.get("id") or self.address,
+            "address": info.get("address") or self.address,
+            "device": info.get("device"),
+            "alive": True,
+            "last_heartbeat": None,
+            "gpus": gpus,
+        }
+
+    async def pool(self) -> dict[str, Any]:
+        inv = await self.inventory()
+        return {"agents": [self._agent_entry(inv)]}
+
+    def _pseudo_leases(self, inv: dict[str, Any]) -> list[dict[str, Any]]:
+        leases = []
+        agent = self._agent_entry(inv)
+        for s in inv.get("sessions", []):
+            if not isinstance(s, dict) or not s.get("attached"):
+                continue
+            leases.append(
+                {
+                    "id": s.get("session"),
+                    "user": s.get("user"),
+                    "session": s.get("session"),
+                    "kernel_name": s.get("kernel_name"),
+                    "notebook": s.get("notebook"),
+                    "fraction": s.get("fraction"),
+                    "state": "granted",
+                    "blocked_by": [],
+                    "agent": {"id": agent["id"], "address": agent["address"]},
+                    "gpus": s.get("gpus", []),
+                    "created": s.get("since"),
+                    "granted_at": s.get("since"),
+                }
+            )
+        return leases
+
+    async def me(self) -> dict[str, Any]:
+        inv = await self.inventory()
+        leases = self._pseudo_leases(inv)
+        return {
+            "user": _local_user(),
+            "admin": False,
+            "limit": None,
+            "in_use": sum(float(lease.get("fraction") or 0) for lease in leases),
+            "fractions": [],
+            "max_lease": None,
+            "leases": leases,
+            "queue": [],
+        }
+
+    async def leases(self, all_users: bool) -> dict[str, Any]:
+        inv = await self.inventory()
+        return {"leases": self._pseudo_leases(inv)}
+
+    async def usage(self) -> dict[str, Any]:
+        raise BackendError(
+            404, "Usage accounting needs the broker (single-user agent mode)", "no_broker"
+        )
+
+    async def sessions(self, user: str | None = None) -> list[dict[str, Any]]:
+        inv = await self.inventory()
+        agent = self._agent_entry(inv)
+        # Single-user mode: every session on this agent is the user's own.
+        return [
+            dict(s, agent={"id": agent["id"], "address": agent["address"]})
+            for s in inv.get("sessions", [])
+            if isinstance(s, dict)
+        ]
+
+
+def _session_on_gpu(session: dict[str, Any], index: Any) -> bool:
+    gpus = session.get("gpus")
+    if isinstance(gpus, list) and gpus:
+        return index in gpus
+    return True
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # pragma: no cover
+        return "me"
