@@ -1,0 +1,226 @@
+"""Executes one session's ops on real tensors: the agent's only contact with user input.
+
+Op names resolve only inside allow-listed ``torch.ops`` namespaces to real ``OpOverload``
+objects; arguments decode from JSON and raw buffers into plain values and tensors. Tensor ids
+are looked up in this session's own table, so a session can name nothing but its tensors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..remote.wire import (
+    DTYPE_NAMES, DTYPES, LAYOUTS, MEMORY_FORMATS, ProtocolError, tensor_from_buffer,
+)
+
+DEFAULT_NAMESPACES = frozenset({"aten", "prims"})
+# Ops that reach outside the session's tensors (files, process state) are never run.
+DENIED_OPS = frozenset({
+    "aten::from_file", "aten::set_", "aten::_set_grad_enabled",
+})
+_NAME = re.compile(r"^([a-z][a-z0-9_]{0,63})::([a-z_][a-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
+
+
+class OpError(Exception):
+    def __init__(self, op, exc):
+        super().__init__(str(exc))
+        self.op, self.exc = op, exc
+
+
+def error_payload(exc: BaseException, op: str | None = None, **extra) -> dict:
+    if isinstance(exc, OpError):
+        op, exc = exc.op, exc.exc
+    kind = type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError):
+        kind = "OutOfMemoryError"
+    return {"type": kind, "message": str(exc).strip().split("\n\n")[0][:4000], "op": op, **extra}
+
+
+class OpResolver:
+    def __init__(self, namespaces=DEFAULT_NAMESPACES):
+        self.namespaces = frozenset(namespaces)
+        self._cache: dict[str, torch._ops.OpOverload] = {}
+
+    def __call__(self, name) -> torch._ops.OpOverload:
+        op = self._cache.get(name) if isinstance(name, str) else None
+        if op is not None:
+            return op
+        m = _NAME.match(name) if isinstance(name, str) else None
+        if m is None:
+            raise PermissionError(f"malformed op name {name!r}: expected 'namespace::op.overload'")
+        ns, base, overload = m.groups()
+        if ns not in self.namespaces:
+            raise PermissionError(f"op {name!r} is outside the allowed namespaces {sorted(self.namespaces)}")
+        if f"{ns}::{base}" in DENIED_OPS or base.startswith("__") or overload.startswith("__"):
+            raise PermissionError(f"op {name!r} is not allowed on this agent")
+        packet = getattr(getattr(torch.ops, ns), base, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            raise NotImplementedError(f"unknown op {name!r}")
+        op = getattr(packet, overload, None)
+        if not isinstance(op, torch._ops.OpOverload):
+            raise NotImplementedError(f"unknown overload {name!r}")
+        self._cache[name] = op
+        return op
+
+
+class SessionExecutor:
+    """Tensor table and op execution of one session, on one set of devices."""
+
+    def __init__(self, devices: list[torch.device], resolver: OpResolver | None = None):
+        self.devices = devices
+        self.resolve = resolver or OpResolver()
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.failed: set[int] = set()  # ids an async error kept from being produced
+        self.error: dict | None = None  # first async error since the last sync point
+        self._next_agent_id = 0
+
+    # -- decoding --------------------------------------------------------------------
+    def tensor(self, rid) -> torch.Tensor:
+        t = self.tensors.get(rid) if type(rid) is int else None
+        if t is None:
+            if rid in self.failed:
+                raise RuntimeError(f"tensor {rid} was never produced: an earlier op failed")
+            raise ProtocolError(f"unknown tensor id {rid!r} in this session")
+        return t
+
+    def decode(self, v, bufs, base=0):
+        t = type(v)
+        if t in (int, float, bool, str) or v is None:
+            return v
+        if t is list:
+            return [self.decode(x, bufs, base) for x in v]
+        if t is not dict:
+            raise ProtocolError(f"unexpected value of type {t.__name__} in op arguments")
+        if "t" in v:
+            return self.tensor(v["t"])
+        if "dt" in v:
+            d = DTYPES.get(v["dt"])
+            if d is None:
+                raise ProtocolError(f"unknown dtype {v['dt']!r}")
+            return d
+        if "dev" in v:
+            if v["dev"] == "cpu":
+                return torch.device("cpu")
+            i = v.get("i", 0)
+            if type(i) is not int or not 0 <= i < len(self.devices):
+                raise ProtocolError(f"device index {i!r} is outside this session's {len(self.devices)} GPU(s)")
+            return self.devices[i]
+        if "cpu" in v:
+            k = v["cpu"]
+            if type(k) is not int or type(base) is not int or not 0 <= base + k < len(bufs):
+                raise ProtocolError(f"buffer index {k!r} out of range")
+            return tensor_from_buffer(v, bufs[base + k])
+        if "mf" in v and v["mf"] in MEMORY_FORMATS:
+            return MEMORY_FORMATS[v["mf"]]
+        if "ly" in v and v["ly"] in LAYOUTS:
+            return LAYOUTS[v["ly"]]
+        if "c" in v and isinstance(v["c"], list) and len(v["c"]) == 2:
+            return complex(*v["c"])
+        raise ProtocolError(f"unknown tagged value {str(v)[:100]}")
+
+    # -- execution -------------------------------------------------------------------
+    def run(self, name, args, kwargs, bufs, base=0):
+        try:
+            op = self.resolve(name)
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise ProtocolError("op arguments must be a list and an object")
+            a = self.decode(args, bufs, base)
+            k = {str(key): self.decode(val, bufs, base) for key, val in kwargs.items()}
+            return op(*a, **k)
+        except Exception as e:
+            raise OpError(name if isinstance(name, str) else repr(name)[:100], e) from e
+
+    def run_batch(self, ops, bufs, free=()) -> None:
+        """Run queued ops; the first failure is kept for the next sync point, like CUDA's."""
+        if not isinstance(ops, list):
+            raise ProtocolError("batch ops must be a list")
+        for rec in ops:
+            if not isinstance(rec, list) or len(rec) != 5:
+                raise ProtocolError("each op must be [name, args, kwargs, out_ids, buffer_base]")
+            name, args, kwargs, outs, base = rec
+            try:
+                self._store(self.run(name, args, kwargs, bufs, base), outs)
+            except Exception as e:
+                self._fail(outs)
+                if self.error is None:
+                    self.error = error_payload(e, deferred=True)
+        self.free(free)
+
+    def _store(self, result, outs):
+        flat = _flat(result, [])
+        if not isinstance(outs, list) or len(outs) != len(flat):
+            raise ProtocolError(f"op produced {len(flat)} tensors but {outs!r} ids were given")
+        for rid, t in zip(outs, flat):
+            if rid:  # 0: the op wrote into one of its inputs, which already has an id
+                if type(rid) is not int or rid < 0:
+                    raise ProtocolError(f"bad output id {rid!r}")
+                if t is not None:
+                    self.tensors[rid] = t
+
+    def _fail(self, outs):
+        if isinstance(outs, list):
+            self.failed.update(r for r in outs if type(r) is int and r)
+
+    def free(self, ids) -> None:
+        if not isinstance(ids, list):
+            raise ProtocolError("free must be a list of ids")
+        for rid in ids:
+            if type(rid) is int:
+                self.tensors.pop(rid, None)
+                self.failed.discard(rid)
+
+    def take_error(self) -> dict | None:
+        err, self.error = self.error, None
+        return err
+
+    def call(self, name, args, kwargs, bufs):
+        """Run one op now and describe its result (shapes for data-dependent outputs, values)."""
+        inputs = {id(t): rid for rid, t in self.tensors.items()}
+        return self._describe(self.run(name, args, kwargs, bufs), inputs)
+
+    def _describe(self, v, inputs):
+        if isinstance(v, torch.Tensor):
+            if id(v) in inputs and self.tensors.get(inputs[id(v)]) is v:
+                return {"in": inputs[id(v)]}
+            self._next_agent_id -= 1
+            self.tensors[self._next_agent_id] = v
+            return {"r": self._next_agent_id, "size": list(v.shape), "stride": list(v.stride()),
+                    "offset": v.storage_offset(), "dtype": DTYPE_NAMES[v.dtype],
+                    "nbytes": v.untyped_storage().nbytes()}
+        if isinstance(v, tuple):
+            return {"tuple": [self._describe(x, inputs) for x in v]}
+        if isinstance(v, list):
+            return [self._describe(x, inputs) for x in v]
+        if isinstance(v, (int, float, bool, str)) or v is None:
+            return v
+        if isinstance(v, torch.dtype):
+            return {"dt": DTYPE_NAMES[v]}
+        raise TypeError(f"cannot return a {type(v).__name__} to the client")
+
+    def fetch(self, rid):
+        t = self.tensor(rid).detach()
+        data = t.contiguous().cpu()
+        raw = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
+        return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, raw.numpy()
+
+    def storages(self):
+        """Unique storages of live tensors (views share one): the session's real footprint."""
+        seen = {}
+        for t in self.tensors.values():
+            s = t.untyped_storage()
+            seen.setdefault(s.data_ptr(), s)
+        return seen
+
+    def bytes_in_use(self) -> int:
+        return sum(s.nbytes() for s in self.storages().values())
+
+
+def _flat(v, out):
+    if isinstance(v, torch.Tensor):
+        out.append(v)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _flat(x, out)
+    return out

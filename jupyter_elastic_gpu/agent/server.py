@@ -1,0 +1,256 @@
+"""The agent process: accepts sessions, starts one worker process per session, reports inventory.
+
+The agent reads only a connection's first frame (a ``hello`` naming the session, or an
+``inventory`` query); it then passes the socket to the session's worker, which serves the
+data plane itself. Sessions whose client vanished are freed after a grace period.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+from ..remote.wire import ProtocolError, recv_frame, send_frame
+from .auth import HelloRejected, check_hello
+from .inventory import gpu_inventory
+
+log = logging.getLogger("jupyter_elastic_gpu.agent")
+
+
+class SessionWorker:
+    """The agent's handle on one session's worker process."""
+
+    def __init__(self, agent, session, secret, gpus):
+        self.agent, self.session, self.secret, self.gpus = agent, session, secret, gpus
+        self.user = None
+        self.attached = False
+        self.fraction = 0.0
+        self.connected = False
+        self.disconnected_at = None
+        self.ended = threading.Event()
+        self.ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        if agent.lease_secret:
+            env["ELASTIC_GPU_LEASE_SECRET"] = agent.lease_secret.decode()
+        cmd = [sys.executable, "-m", "jupyter_elastic_gpu.agent.worker",
+               "--control-fd", str(child.fileno()), "--session", session, "--agent-id", agent.agent_id,
+               "--device", agent.device, "--gpus", ",".join(map(str, gpus)),
+               "--cpu-memory-gib", str(agent.cpu_memory_gib), "--namespaces", ",".join(agent.namespaces)]
+        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env, start_new_session=True)
+        child.close()
+        threading.Thread(target=self._events, daemon=True, name=f"worker-{session}").start()
+
+    def hand_over(self, conn: socket.socket, hello: dict) -> None:
+        socket.send_fds(self.ctl, [json.dumps({"cmd": "conn", "hello": hello}).encode()], [conn.fileno()])
+        self.connected, self.disconnected_at = True, None
+
+    def stop(self, reason: str) -> None:
+        try:
+            self.ctl.send(json.dumps({"cmd": "stop", "reason": reason}).encode())
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def _events(self):
+        while True:
+            try:
+                msg = self.ctl.recv(1 << 16)
+            except OSError:
+                msg = b""
+            if not msg:
+                break
+            ev = json.loads(msg)
+            kind = ev.get("event")
+            if kind == "attached":
+                self.attached, self.user, self.fraction = True, ev.get("user"), ev.get("fraction", 0)
+            elif kind == "detached":
+                self.attached = False
+            elif kind == "disconnected":
+                self.attached, self.connected = False, False
+                self.disconnected_at = time.monotonic()
+        code = self.proc.wait()
+        if code not in (0, None):
+            why = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log.warning("worker of session %s ended with %s", self.session, why)
+        self.ended.set()
+        self.agent.forget(self)
+
+    def describe(self) -> dict:
+        return {"session": self.session, "user": self.user, "attached": self.attached,
+                "fraction": self.fraction, "connected": self.connected, "pid": self.proc.pid,
+                "gpus": self.gpus}
+
+
+class Agent:
+    def __init__(self, *, device="cpu", host="127.0.0.1", port=0, agent_id=None, lease_secret=None,
+                 namespaces=("aten", "prims"), cpu_memory_gib=16.0, session_grace=60.0,
+                 hello_timeout=10.0):
+        self.device = device
+        self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:8]}"
+        self.lease_secret = lease_secret.encode() if isinstance(lease_secret, str) else lease_secret
+        self.namespaces = list(namespaces)
+        self.cpu_memory_gib = cpu_memory_gib
+        self.session_grace = session_grace
+        self.hello_timeout = hello_timeout
+        self.workers: dict[str, SessionWorker] = {}
+        self._handed: dict[int, bool] = {}
+        self.lock = threading.Lock()
+        agent = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                agent.on_connection(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def shutdown_request(self, request):
+                # A socket handed to a worker must stay open there: close our copy only.
+                if agent._handed.pop(id(request), None) is None:
+                    super().shutdown_request(request)
+                else:
+                    request.close()
+
+        self.server = Server((host, port), Handler)
+        self.address = "%s:%d" % self.server.server_address[:2]
+        self._stop = threading.Event()
+
+    # -- connections -------------------------------------------------------------------------
+    def on_connection(self, conn: socket.socket) -> None:
+        conn.settimeout(self.hello_timeout)
+        try:
+            hello, _ = recv_frame(conn)
+        except (ProtocolError, OSError, ConnectionError, ValueError) as e:
+            self._refuse(conn, f"bad first frame: {e}")
+            return
+        conn.settimeout(None)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        op = hello.get("op")
+        if op == "inventory":
+            send_frame(conn, self.inventory())
+            return
+        if op != "hello":
+            self._refuse(conn, f"first request must be 'hello' or 'inventory', got {op!r}")
+            return
+        session, secret = hello.get("session"), hello.get("secret")
+        if not (isinstance(session, str) and 0 < len(session) <= 128 and isinstance(secret, str)):
+            self._refuse(conn, "hello needs a session id and a session secret")
+            return
+        with self.lock:
+            worker = self.workers.get(session)
+            if worker is not None and not hmac.compare_digest(worker.secret, secret):
+                self._refuse(conn, "wrong secret for this session")
+                return
+            if worker is None:
+                try:
+                    claims = check_hello(hello, self.lease_secret, self.agent_id, session, None)
+                except HelloRejected as e:
+                    self._refuse(conn, str(e))
+                    return
+                gpus = claims.get("gpus") or [0]
+                worker = self.workers[session] = SessionWorker(self, session, secret, gpus)
+                log.info("session %s started (user %s, gpus %s, pid %d)", session,
+                         claims.get("user"), gpus, worker.proc.pid)
+        worker.hand_over(conn, hello)
+        self._handed[id(conn)] = True
+
+    @staticmethod
+    def _refuse(conn, message):
+        try:
+            send_frame(conn, {"error": {"type": "PermissionError", "message": message, "op": None}})
+        except OSError:
+            pass
+
+    def forget(self, worker: SessionWorker) -> None:
+        with self.lock:
+            if self.workers.get(worker.session) is worker:
+                del self.workers[worker.session]
+
+    def inventory(self) -> dict:
+        with self.lock:
+            sessions = [w.describe() for w in self.workers.values()]
+        return {"agent": {"id": self.agent_id, "address": self.address, "device": self.device},
+                "gpus": gpu_inventory(self.device, self.cpu_memory_gib), "sessions": sessions}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _reap_vanished(self):
+        while not self._stop.wait(min(1.0, self.session_grace / 2 or 0.1)):
+            now = time.monotonic()
+            with self.lock:
+                gone = [w for w in self.workers.values()
+                        if w.disconnected_at is not None and now - w.disconnected_at > self.session_grace]
+            for w in gone:
+                log.info("session %s: client gone for %.0fs, freeing it", w.session, self.session_grace)
+                w.stop("client vanished")
+
+    def serve_forever(self) -> None:
+        threading.Thread(target=self._reap_vanished, daemon=True).start()
+        self.server.serve_forever(poll_interval=0.2)
+
+    def shutdown(self, reason="the GPU agent is shutting down") -> None:
+        self._stop.set()
+        self.server.shutdown()
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            w.stop(reason)
+        self.server.server_close()
+
+
+def run_agent(opts) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(asctime)s agent] %(message)s")
+    device = opts.device
+    if device == "auto":
+        device = "cuda" if gpu_inventory("cuda", 0) else "cpu"
+    host, _, port = opts.listen.rpartition(":")
+    secret = opts.lease_secret or os.environ.get("ELASTIC_GPU_LEASE_SECRET")
+    if opts.lease_secret_file:
+        with open(opts.lease_secret_file) as f:
+            secret = f.read().strip()
+    agent = Agent(device=device, host=host.strip("[]") or "127.0.0.1", port=int(port), agent_id=opts.agent_id,
+                  lease_secret=secret or None, cpu_memory_gib=opts.cpu_memory_gib,
+                  session_grace=opts.session_grace,
+                  namespaces=["aten", "prims", *filter(None, opts.allow_namespace or [])])
+    gpus = gpu_inventory(device, opts.cpu_memory_gib)
+    log.info("agent %s listening on %s, device=%s (%s)", agent.agent_id, agent.address, device,
+             ", ".join(g["name"] for g in gpus))
+    if not secret:
+        log.warning("no lease secret: any client that can reach %s may use this agent "
+                    "(fine on loopback or for a single user; set --lease-secret-file with a broker)",
+                    agent.address)
+    registration = None
+    if opts.broker_url:
+        from .registration import BrokerRegistration
+
+        registration = BrokerRegistration(agent, opts.broker_url, opts.agent_token
+                                          or os.environ.get("ELASTIC_GPU_AGENT_TOKEN", ""),
+                                          advertise=opts.advertise or agent.address)
+        registration.start()
+
+    def on_term(signum, frame):
+        log.info("signal %d: telling clients and stopping", signum)
+        threading.Thread(target=agent.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        agent.serve_forever()
+    except KeyboardInterrupt:
+        agent.shutdown()
+    finally:
+        if registration:
+            registration.stop()

@@ -1,0 +1,242 @@
+"""One session's worker process: owns its tensors, its CUDA context and its client socket.
+
+The agent hands the client's connection to this process (SCM_RIGHTS), so ops flow from
+client to worker with no hop through the agent, and a crash or sticky CUDA error here ends
+only this session. The agent talks to the worker over a control socket (swap, stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+import torch
+
+from ..remote.wire import ProtocolError, recv_frame, send_frame
+from .auth import HelloRejected, check_hello
+from .executor import OpResolver, SessionExecutor, error_payload
+
+GiB = 1 << 30
+
+
+class Worker:
+    def __init__(self, opts):
+        self.opts = opts
+        self.session = opts.session
+        self.device_kind = opts.device
+        gpus = [int(g) for g in opts.gpus.split(",")] if opts.gpus else [0]
+        if self.device_kind == "cuda":
+            self.devices = [torch.device("cuda", g) for g in gpus]
+        else:
+            self.devices = [torch.device("cpu")] * max(1, len(gpus))
+        self.executor = SessionExecutor(self.devices, OpResolver(opts.namespaces.split(",")))
+        self.lease_secret = os.environ.pop("ELASTIC_GPU_LEASE_SECRET", "").encode() or None
+        self.user = None
+        self.attached = False
+        self.fraction = 0.0
+        self.cap_bytes = 0
+        self.client: socket.socket | None = None
+        self.ctl = socket.socket(fileno=opts.control_fd)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+
+    # -- device description ---------------------------------------------------------------
+    def device_info(self) -> dict:
+        n = len(self.devices)
+        if self.device_kind == "cuda":
+            p = torch.cuda.get_device_properties(self.devices[0])
+            total = p.total_memory
+            info = {"name": p.name, "major": p.major, "minor": p.minor,
+                    "multi_processor_count": p.multi_processor_count}
+        else:
+            total = int(self.opts.cpu_memory_gib * GiB)
+            info = {"name": "CPU (elastic-gpu agent in --device cpu mode)", "major": 8, "minor": 0,
+                    "multi_processor_count": os.cpu_count() or 1}
+        frac = self.fraction if self.fraction <= 1 else 1.0
+        return {**info, "kind": self.device_kind, "count": n, "total_memory": total,
+                "fraction": self.fraction, "cap_bytes": int(total * frac)}
+
+    def _apply_cap(self):
+        info = self.device_info()
+        self.cap_bytes = info["cap_bytes"]
+        if self.device_kind == "cuda":
+            for d in self.devices:
+                torch.cuda.set_per_process_memory_fraction(min(1.0, max(self.fraction, 0.01)), d)
+        self.executor.cap_bytes = self.cap_bytes if self.device_kind == "cpu" else None
+        self.executor.slice_name = f"{self.fraction:g} of {info['name']}"
+
+    # -- control from the agent ---------------------------------------------------------
+    def on_control(self):
+        msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 1 << 20, 4)
+        if not msg:
+            self.shutdown("the agent process went away")
+        cmd = json.loads(msg)
+        if cmd["cmd"] == "conn":
+            if self.client is not None:
+                self.sel.unregister(self.client)
+                self.client.close()
+            self.client = socket.socket(fileno=fds[0])
+            self.client.setblocking(True)
+            self.sel.register(self.client, selectors.EVENT_READ, "client")
+            self.on_hello(cmd["hello"])
+        elif cmd["cmd"] == "stop":
+            self.shutdown(cmd.get("reason", "the agent is shutting down"))
+
+    def notify(self, **event):
+        try:
+            self.ctl.send(json.dumps(event).encode())
+        except OSError:
+            pass
+
+    def on_hello(self, hello):
+        try:
+            claims = check_hello(hello, self.lease_secret, self.opts.agent_id, self.session, self.user)
+        except HelloRejected as e:
+            self.reply({"error": {"type": "PermissionError", "message": str(e), "op": None}})
+            return
+        self.user = claims.get("user", self.user)
+        self.fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
+        self.attached = True
+        self._apply_cap()
+        self.notify(event="attached", user=self.user, fraction=self.fraction)
+        self.reply({"ok": True, "device": self.device_info()})
+
+    # -- requests from the client --------------------------------------------------------
+    def reply(self, header, bufs=()):
+        try:
+            send_frame(self.client, header, bufs)
+        except OSError:
+            self.drop_client()
+
+    def drop_client(self):
+        if self.client is not None:
+            self.sel.unregister(self.client)
+            self.client.close()
+            self.client = None
+        self.attached = False
+        self.notify(event="disconnected")
+
+    def on_client(self):
+        try:
+            header, bufs = recv_frame(self.client)
+        except ProtocolError as e:
+            # The stream cannot be trusted after a bad frame: say why, then hang up.
+            self.reply({"error": {"type": "ProtocolError", "message": str(e), "op": None}})
+            self.drop_client()
+            return
+        except (OSError, ConnectionError):
+            self.drop_client()
+            return
+        try:
+            self.handle(header, bufs)
+        except Exception as e:  # a bad request never ends the session
+            self.reply({"error": error_payload(e)})
+
+    def handle(self, h, bufs):
+        op = h.get("op")
+        ex = self.executor
+        if op == "hello":
+            return self.on_hello(h)
+        if op == "close":
+            self.shutdown("closed by client", code=0)
+        if not self.attached:
+            raise PermissionError("this session holds no GPU lease; attach first")
+        if op == "batch":
+            ex.run_batch(h.get("ops", []), bufs, h.get("free", []))
+            return None  # batches are fire-and-forget
+        if op == "detach":
+            self.sync()
+            self.attached = False
+            self.notify(event="detached")
+            return self.reply(self.status())
+        if op == "sync":
+            self.sync()
+            return self.reply(self.status())
+        if op == "fetch":
+            self.sync()
+            meta, raw = ex.fetch(h.get("t"))
+            return self.reply(self.status(tensor=meta), [raw])
+        if op == "call":
+            result = ex.call(h.get("name"), h.get("args", []), h.get("kwargs", {}), bufs)
+            self.sync()
+            return self.reply(self.status(result=result))
+        if op == "memory":
+            self.sync()
+            return self.reply(self.status(memory=self.memory()))
+        if op == "manual_seed":
+            seed = h.get("seed")
+            if type(seed) is not int:
+                raise ValueError("seed must be an integer")
+            torch.manual_seed(seed)
+            return self.reply(self.status())
+        if op == "empty_cache":
+            if self.device_kind == "cuda":
+                torch.cuda.empty_cache()
+            return self.reply(self.status())
+        raise ProtocolError(f"unknown request {op!r}")
+
+    def status(self, **kw):
+        err = self.executor.take_error()
+        return {"error": err, **kw} if err else {"ok": True, **kw}
+
+    def sync(self):
+        if self.device_kind == "cuda":
+            try:
+                for d in self.devices:
+                    torch.cuda.synchronize(d)
+            except Exception as e:  # a sticky CUDA error: this session's context is gone
+                if self.executor.error is None:
+                    self.executor.error = error_payload(e, deferred=True)
+
+    def memory(self) -> dict:
+        if self.device_kind == "cuda":
+            d = self.devices[0]
+            return {"allocated": torch.cuda.memory_allocated(d), "reserved": torch.cuda.memory_reserved(d),
+                    "max_allocated": torch.cuda.max_memory_allocated(d), "cap": self.cap_bytes}
+        used = self.executor.bytes_in_use()
+        self.executor.peak = max(getattr(self.executor, "peak", 0), used)
+        return {"allocated": used, "reserved": used, "max_allocated": self.executor.peak, "cap": self.cap_bytes}
+
+    def shutdown(self, reason, code=0):
+        if self.client is not None:
+            try:
+                send_frame(self.client, {"error": {"type": "ConnectionAbortedError", "message": reason, "op": None}})
+            except OSError:
+                pass
+        sys.exit(code)
+
+    def serve(self):
+        while True:
+            for key, _ in self.sel.select():
+                if key.data == "ctl":
+                    self.on_control()
+                elif self.client is not None:
+                    self.on_client()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="jupyter-elastic-gpu-worker")
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--session", required=True)
+    p.add_argument("--agent-id", required=True)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
+    p.add_argument("--gpus", default="0")
+    p.add_argument("--cpu-memory-gib", type=float, default=16.0)
+    p.add_argument("--namespaces", default="aten,prims")
+    opts = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    w = Worker(opts)
+    t0 = time.monotonic()
+    w.notify(event="ready", pid=os.getpid(), startup_s=time.monotonic() - t0)
+    w.serve()
+
+
+if __name__ == "__main__":
+    main()

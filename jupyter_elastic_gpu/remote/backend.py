@@ -1,0 +1,349 @@
+"""The torch side of the remote device: a Python PrivateUse1 backend of wrapper tensors.
+
+Every tensor "on the GPU" is a :class:`RemoteTensor`: a storage-less wrapper that knows
+its shape, strides and dtype and names a real tensor on the agent by id. Ops reaching the
+backend (through ``__torch_dispatch__`` for tensor ops, the PrivateUse1 fallback for
+factories) get their output metadata from meta-tensor inference, are queued for the agent
+and return new wrappers at once; only ops whose results the caller must see (``.item()``,
+``.cpu()``, data-dependent shapes) wait for the agent.
+
+The backend is registered as PrivateUse1 (renamed ``egpu``) because autograd needs a device
+guard for the wrapper's device; user-facing names say ``cuda`` (see ``cuda_facade``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+from .wire import DTYPE_NAMES, MEMORY_FORMAT_NAMES, DTYPES
+
+BACKEND = "egpu"
+
+_session = None  # the process's one RemoteSession (see session.py)
+
+
+class RemoteError(RuntimeError):
+    """An op failed on the agent; the message names the op."""
+
+
+def current_session():
+    if _session is None:
+        raise RuntimeError(
+            "no remote GPU is attached to this process: call jupyter_elastic_gpu.remote.attach() "
+            "or start it with `jupyter-elastic-gpu run --gpu FRACTION -- python ...`"
+        )
+    return _session
+
+
+class RemoteTensor(torch.Tensor):
+    """A tensor whose data lives on the agent; ``_rid`` names it within the session."""
+
+    @staticmethod
+    def __new__(cls, rid, size, stride, offset, dtype, nbytes, index=0):
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, size, strides=stride, storage_offset=offset, dtype=dtype,
+            device=torch.device(BACKEND, index), requires_grad=False,
+        )
+        r._rid = rid
+        r._nbytes = nbytes
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return _dispatch(func, args, kwargs or {})
+
+    def __del__(self):
+        s = _session
+        if s is not None:
+            # list.append is atomic under the GIL: safe from the GC at any point.
+            s.freed.append(self._rid)
+
+    # Users wrote "cuda"; show them "cuda". torch internals use the C++ device (egpu).
+    @property
+    def device(self):
+        return torch.device("cuda", torch.Tensor.device.__get__(self).index or 0)
+
+    @property
+    def is_cuda(self):
+        return True
+
+    def __repr__(self, *, tensor_contents=None):
+        from torch._tensor_str import _tensor_str
+
+        with torch.no_grad():
+            local = self.detach().cpu()
+        body = _tensor_str(local, len("tensor("))
+        suffixes = [f"device='{self.device}'"]
+        if self.dtype not in (torch.get_default_dtype(), torch.int64, torch.bool):
+            suffixes.append(f"dtype={self.dtype}")
+        if self.numel() == 0 and self.dim() != 1:
+            suffixes.append(f"size={tuple(self.shape)}")
+        if self.grad_fn is not None:
+            suffixes.append(f"grad_fn=<{type(self.grad_fn).__name__}>")
+        elif self.requires_grad:
+            suffixes.append("requires_grad=True")
+        prefix = "Parameter containing:\n" if getattr(self, "_is_param", False) else ""
+        return f"{prefix}tensor({body}, {', '.join(suffixes)})"
+
+    __str__ = __repr__
+
+    def __reduce_ex__(self, proto):
+        # Saved remote tensors are plain CPU tensors: loadable anywhere, and
+        # torch.load(map_location="cuda") brings them back to the remote GPU.
+        return self.detach().cpu().requires_grad_(self.requires_grad).__reduce_ex__(proto)
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch.no_grad():
+            new = self.clone()
+        new.requires_grad_(self.requires_grad)
+        if getattr(self, "_is_param", False):
+            new = torch.nn.Parameter(new, self.requires_grad)
+        memo[id(self)] = new
+        return new
+
+
+# ---------------------------------------------------------------------------------------
+# Argument encoding: one pass builds the wire form, the meta-inference cache key and the
+# list of CPU buffers to upload.
+
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _encode(v, sig, bufs):
+    t = type(v)
+    if t is RemoteTensor or isinstance(v, RemoteTensor):
+        sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
+        return {"t": v._rid}
+    if t in _SCALARS:
+        sig.append((t, v))
+        return v
+    if t is list or t is tuple or t is torch.Size:
+        sig.append(len(v))
+        return [_encode(x, sig, bufs) for x in v]
+    if t is torch.dtype:
+        sig.append(v)
+        return {"dt": DTYPE_NAMES[v]}
+    if t is torch.device:
+        sig.append(v)
+        return {"dev": v.type if v.type == "cpu" else "cuda", "i": v.index or 0}
+    if isinstance(v, torch.Tensor):  # a CPU tensor argument (uploads, 0-dim scalars)
+        if v.device.type != "cpu":
+            raise RuntimeError(f"cannot mix tensors on {v.device} with remote GPU tensors")
+        sig.append(("cpu", v.dtype, v.shape, v.stride()))
+        data = v.detach().resolve_conj().resolve_neg().contiguous()
+        bufs.append(data)
+        return {"cpu": len(bufs) - 1, "dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)}
+    if t is torch.memory_format:
+        sig.append(v)
+        return {"mf": MEMORY_FORMAT_NAMES[v]}
+    if t is torch.layout:
+        sig.append(v)
+        if v is not torch.strided:
+            raise NotImplementedError(f"layout {v} is not supported on the remote GPU")
+        return {"ly": "strided"}
+    if t is complex:
+        sig.append((t, v))
+        return {"c": [v.real, v.imag]}
+    if t is torch.Generator:
+        raise NotImplementedError(
+            "explicit torch.Generator objects are not supported on the remote GPU; "
+            "seed with torch.manual_seed / torch.cuda.manual_seed instead"
+        )
+    raise NotImplementedError(f"cannot send an argument of type {t.__name__} to the remote GPU")
+
+
+def _to_meta(v):
+    if isinstance(v, RemoteTensor):
+        base = torch.empty(v._nbytes // v.element_size() if v.element_size() else 0,
+                           dtype=v.dtype, device="meta")
+        return base.as_strided(v.shape, v.stride(), v.storage_offset())
+    if isinstance(v, torch.Tensor):
+        return v.to("meta")
+    if type(v) is torch.device and v.type == BACKEND:
+        return torch.device("meta")
+    if type(v) in (list, tuple):
+        return type(v)(_to_meta(x) for x in v)
+    return v
+
+
+def _flat_remote(v, out):
+    if isinstance(v, RemoteTensor):
+        out.append(v)
+    elif type(v) in (list, tuple):
+        for x in v:
+            _flat_remote(x, out)
+    return out
+
+
+class _NeedsAgent(Exception):
+    """Meta inference cannot tell the output: run the op synchronously on the agent."""
+
+
+def _out_spec(res, meta_inputs):
+    """Describe an op's meta result so it can be rebuilt from the cache without re-running."""
+    if isinstance(res, torch.Tensor):
+        for k, m in enumerate(meta_inputs):
+            if res is m:
+                return ("a", k)
+        return ("n", tuple(res.shape), res.stride(), res.storage_offset(), res.dtype,
+                res.untyped_storage().nbytes())
+    if type(res) in (list, tuple):
+        return ("l", type(res), tuple(_out_spec(r, meta_inputs) for r in res))
+    if res is None:
+        return ("v", None)
+    # A non-tensor result (int, bool...) depends on data: only the agent knows it.
+    raise _NeedsAgent
+
+
+def _build(spec, inputs, ids, sess):
+    kind = spec[0]
+    if kind == "n":
+        rid = sess.new_id()
+        ids.append(rid)
+        return RemoteTensor(rid, spec[1], spec[2], spec[3], spec[4], spec[5], sess.device_index)
+    if kind == "a":
+        ids.append(0)
+        return inputs[spec[1]]
+    if kind == "l":
+        return spec[1](_build(s, inputs, ids, sess) for s in spec[2])
+    return spec[1]
+
+
+_meta_cache: dict = {}
+_SYNC = object()  # cache marker: this signature must run on the agent synchronously
+
+
+def _dispatch(func, args, kwargs):
+    special = SPECIAL.get(func)
+    if special is not None:
+        return special(func, args, kwargs)
+    return _forward(func, args, kwargs)
+
+
+def _forward(func, args, kwargs):
+    """Queue ``func`` for the agent and return its outputs' wrappers without waiting."""
+    sess = current_session()
+    sig = [func]
+    bufs = []
+    eargs = _encode(args, sig, bufs)
+    ekwargs = {k: _encode(v, sig, bufs) for k, v in kwargs.items()}
+    sig.append(tuple(kwargs))
+    key = tuple(sig)
+    spec = _meta_cache.get(key)
+    inputs = _flat_remote((args, kwargs), [])
+    if spec is None:
+        spec = _infer(func, args, kwargs, inputs)
+        if len(_meta_cache) > 100_000:
+            _meta_cache.clear()
+        _meta_cache[key] = spec
+    if spec is _SYNC:
+        return sess.call(func, eargs, ekwargs, bufs, inputs)
+    ids = []
+    out = _build(spec, inputs, ids, sess)
+    sess.enqueue(func, eargs, ekwargs, ids, bufs)
+    return out
+
+
+def _infer(func, args, kwargs, inputs):
+    margs = _to_meta(args)
+    mkwargs = {k: _to_meta(v) for k, v in kwargs.items()}
+    meta_inputs = _flat_meta((margs, mkwargs), [])
+    try:
+        res = func(*margs, **mkwargs)
+    except (NotImplementedError, torch._subclasses.fake_tensor.DynamicOutputShapeException):
+        return _SYNC
+    except RuntimeError as e:
+        msg = str(e)
+        if "Meta" in msg or "meta" in msg and ("not implemented" in msg or "no fake impl" in msg):
+            return _SYNC
+        raise
+    try:
+        return _out_spec(res, meta_inputs)
+    except _NeedsAgent:
+        return _SYNC
+
+
+def _flat_meta(v, out):
+    if isinstance(v, torch.Tensor):
+        out.append(v)
+    elif type(v) in (list, tuple):
+        for x in v:
+            _flat_meta(x, out)
+    elif type(v) is dict:
+        for x in v.values():
+            _flat_meta(x, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Ops that cross the device boundary or must not be forwarded as they are.
+
+def _to_copy(func, args, kwargs):
+    (x,) = args
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "cpu":
+        local = current_session().fetch(x)
+        dtype, fmt = kwargs.get("dtype"), kwargs.get("memory_format")
+        if dtype is not None and dtype != local.dtype:
+            local = local.to(dtype)
+        if fmt is not None and fmt is not torch.preserve_format:
+            local = local.contiguous(memory_format=fmt)
+        return local
+    return _forward(func, args, kwargs)
+
+
+def _copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(dst, RemoteTensor):  # remote -> CPU
+        dst.copy_(current_session().fetch(src))
+        return dst
+    return _forward(func, args, kwargs)
+
+
+def _local_scalar_dense(func, args, kwargs):
+    return current_session().fetch(args[0]).item()
+
+
+def _is_pinned(func, args, kwargs):
+    return False
+
+
+aten = torch.ops.aten
+SPECIAL = {
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy_,
+    aten._local_scalar_dense.default: _local_scalar_dense,
+    aten.is_pinned.default: _is_pinned,
+}
+
+
+# ---------------------------------------------------------------------------------------
+
+_registered = False
+
+
+def register_backend(backend_module) -> None:
+    """Register the Python PrivateUse1 backend once per process."""
+    global _registered
+    if _registered:
+        return
+    _setup_privateuseone_for_python_backend(rename=BACKEND, backend_module=backend_module)
+    lib = torch.library.Library("_", "IMPL")
+    # Factories have no tensor argument, so they reach the backend key, not Python.
+    lib.fallback(lambda op, *a, **k: _dispatch(op, a, k), dispatch_key="PrivateUse1")
+    register_backend._lib = lib
+    # The optimizers take their foreach (multi-tensor) path only for known tensor types.
+    from torch.optim import optimizer
+
+    if RemoteTensor not in optimizer._foreach_supported_types:
+        optimizer._foreach_supported_types.append(RemoteTensor)
+    _registered = True
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return DTYPES[name]

@@ -1,0 +1,264 @@
+"""Make the remote backend answer to the name "cuda": device arguments, ``torch.cuda``, autocast.
+
+Users write ``device="cuda"``, ``.cuda()``, ``torch.cuda.synchronize()`` and
+``torch.autocast("cuda")``; this module maps those names onto the ``egpu`` backend by
+wrapping the few entry points that take a device (factories, ``Tensor.to``...) rather than
+intercepting every op, so ops without device arguments pay nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections import namedtuple
+
+import torch
+
+from . import backend
+from .backend import BACKEND
+
+_FACTORIES = [
+    "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
+    "full_like", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
+    "arange", "range", "linspace", "logspace", "eye", "tensor", "as_tensor", "asarray",
+    "scalar_tensor", "tril_indices", "triu_indices", "empty_permuted", "normal", "bernoulli",
+]
+_TENSOR_METHODS_WITH_DEVICE = ["new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "new_empty_strided"]
+
+_original: dict = {}
+
+
+def map_device(d):
+    """'cuda', 'cuda:1', torch.device('cuda', 1) -> the egpu device; anything else unchanged."""
+    if isinstance(d, str):
+        if d == "cuda" or d.startswith("cuda:"):
+            return BACKEND + d[4:]
+        return d
+    if type(d) is torch.device and d.type == "cuda":
+        return torch.device(BACKEND, d.index or 0)
+    return d
+
+
+def _patch(owner, name, make):
+    key = (owner, name)
+    if key not in _original:
+        _original[key] = getattr(owner, name)
+        setattr(owner, name, make(_original[key]))
+
+
+def _with_device_kwarg(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        d = kwargs.get("device")
+        if d is not None:
+            kwargs["device"] = map_device(d)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _tensor_to(fn):
+    @functools.wraps(fn)
+    def to(self, *args, **kwargs):
+        if args:
+            a0 = args[0]
+            if isinstance(a0, (str, torch.device)):
+                args = (map_device(a0), *args[1:])
+            elif type(a0) is int and not isinstance(a0, bool):
+                args = (torch.device(BACKEND, a0), *args[1:])
+        d = kwargs.get("device")
+        if d is not None:
+            kwargs["device"] = map_device(d) if not isinstance(d, int) else torch.device(BACKEND, d)
+        return fn(self, *args, **kwargs)
+
+    return to
+
+
+def _tensor_cuda(_fn):
+    def cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+        idx = device if isinstance(device, int) else (torch.device(device).index if device is not None else 0)
+        return self.to(torch.device(BACKEND, idx or 0), non_blocking=non_blocking, memory_format=memory_format)
+
+    return cuda
+
+
+def _autocast_init(fn):
+    @functools.wraps(fn)
+    def __init__(self, device_type, *args, **kwargs):
+        if device_type == "cuda":
+            device_type = BACKEND
+        return fn(self, device_type, *args, **kwargs)
+
+    return __init__
+
+
+def _load(fn):
+    @functools.wraps(fn)
+    def load(f, map_location=None, *args, **kwargs):
+        target = map_location
+        if isinstance(target, (str, torch.device)) and str(target).startswith("cuda"):
+            obj = fn(f, *args, map_location="cpu", **kwargs)
+            return _tree_to(obj, map_device(target))
+        return fn(f, *args, map_location=map_location, **kwargs)
+
+    return load
+
+
+def _tree_to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return type(obj)((k, _tree_to(v, device)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_tree_to(v, device) for v in obj)
+    return obj
+
+
+_Props = namedtuple("_CudaDeviceProperties", "name total_memory major minor multi_processor_count "
+                    "gpu_total_memory fraction is_remote")
+
+
+class CudaFacade:
+    """The functions of ``torch.cuda`` that user code calls, answered by the remote GPU."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def _info(self):
+        s = self.session
+        if not s.info:
+            s.attach()
+        return s.info
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def init(self):
+        pass
+
+    def device_count(self):
+        return max(1, int(self.session.fraction)) if self.session.fraction > 1 else 1
+
+    def current_device(self):
+        return 0
+
+    def set_device(self, device):
+        idx = device if isinstance(device, int) else torch.device(map_device(device)).index or 0
+        if not 0 <= idx < self.device_count():
+            raise RuntimeError(f"invalid device ordinal {idx}: this session has {self.device_count()} remote GPU(s)")
+
+    def get_device_name(self, device=None):
+        return self._info()["name"]
+
+    def get_device_properties(self, device=None):
+        i = self._info()
+        return _Props(i["name"], i["cap_bytes"], i["major"], i["minor"], i["multi_processor_count"],
+                      i["total_memory"], i["fraction"], True)
+
+    def get_device_capability(self, device=None):
+        i = self._info()
+        return (i["major"], i["minor"])
+
+    def is_bf16_supported(self, including_emulation=True):
+        return True
+
+    def synchronize(self, device=None):
+        self.session.synchronize()
+
+    def _memory(self):
+        reply, _ = self.session.request({"op": "memory"})
+        return reply["memory"]
+
+    def memory_allocated(self, device=None):
+        return self._memory()["allocated"]
+
+    def max_memory_allocated(self, device=None):
+        return self._memory()["max_allocated"]
+
+    def memory_reserved(self, device=None):
+        return self._memory()["reserved"]
+
+    def mem_get_info(self, device=None):
+        m = self._memory()
+        return (max(0, m["cap"] - m["reserved"]), m["cap"])
+
+    def empty_cache(self):
+        if self.session.attached:
+            self.session.request({"op": "empty_cache"})
+
+    def reset_peak_memory_stats(self, device=None):
+        pass
+
+    def manual_seed(self, seed):
+        self.session.request({"op": "manual_seed", "seed": int(seed)})
+
+    manual_seed_all = manual_seed
+
+    def _is_in_bad_fork(self):
+        return False
+
+    def _lazy_init(self):
+        pass
+
+    # What the PrivateUse1 device module must also answer (autocast, RNG plumbing).
+    def get_amp_supported_dtype(self):
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    def is_autocast_enabled(self):
+        return torch.is_autocast_enabled(BACKEND)
+
+    def get_autocast_dtype(self):
+        return torch.get_autocast_dtype(BACKEND)
+
+    def set_autocast_enabled(self, enabled):
+        torch.set_autocast_enabled(BACKEND, enabled)
+
+    def set_autocast_dtype(self, dtype):
+        torch.set_autocast_dtype(BACKEND, dtype)
+
+
+_FACADE_NAMES = [
+    "is_available", "is_initialized", "init", "device_count", "current_device", "set_device",
+    "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
+    "synchronize", "memory_allocated", "max_memory_allocated", "memory_reserved", "mem_get_info",
+    "empty_cache", "reset_peak_memory_stats", "manual_seed", "manual_seed_all", "_is_in_bad_fork",
+    "_lazy_init",
+]
+
+
+def install(session) -> None:
+    facade = CudaFacade(session)
+    module = types.SimpleNamespace(**{n: getattr(facade, n) for n in dir(facade) if not n.startswith("__")})
+    backend.register_backend(module)
+    # torch._register_device_module keeps the first module: point it at this session.
+    dev_mod = getattr(torch, BACKEND)
+    for n in dir(facade):
+        if not n.startswith("__"):
+            setattr(dev_mod, n, getattr(facade, n))
+    for n in _FACADE_NAMES:  # rebound on every install: each session has its own facade
+        _original.setdefault((torch.cuda, n), getattr(torch.cuda, n, None))
+        setattr(torch.cuda, n, getattr(facade, n))
+    for n in _FACTORIES:
+        if hasattr(torch, n):
+            _patch(torch, n, _with_device_kwarg)
+    for n in _TENSOR_METHODS_WITH_DEVICE:
+        _patch(torch.Tensor, n, _with_device_kwarg)
+    _patch(torch.Tensor, "to", _tensor_to)
+    _patch(torch.Tensor, "cuda", _tensor_cuda)
+    _patch(torch.amp.autocast_mode.autocast, "__init__", _autocast_init)
+    _patch(torch, "load", _load)
+    from . import autocast
+
+    autocast.register()
+
+
+def uninstall() -> None:
+    for (owner, name), fn in _original.items():
+        if fn is None:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, fn)
+    _original.clear()

@@ -1,0 +1,291 @@
+"""A process's data-plane session with one agent: batching, sync points and the lease.
+
+Ops are queued and shipped in batches (at a size threshold, by a background flusher every
+few milliseconds, and before anything that waits), so the caller never waits per op.
+Errors of queued ops come back with the next reply and are raised there, the way CUDA
+reports asynchronous errors at the next synchronisation.
+
+The session outlives leases: tensors stay on the agent between cells while the lease (the
+right to run on a GPU slice) is taken at the first GPU op and given back by ``release()``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+
+import torch
+
+from . import backend
+from .wire import send_frame, recv_frame, tensor_from_buffer, DTYPES
+
+BATCH_MAX_OPS = 512
+BATCH_MAX_BYTES = 8 << 20
+FLUSH_INTERVAL = 0.002
+
+_ERRORS = {
+    "OutOfMemoryError": torch.OutOfMemoryError,
+    "IndexError": IndexError,
+    "ValueError": ValueError,
+    "TypeError": TypeError,
+    "NotImplementedError": NotImplementedError,
+    "PermissionError": PermissionError,
+}
+
+
+class AgentUnavailable(ConnectionError):
+    """The agent cannot be reached or the connection to it broke."""
+
+
+def _raise_remote(err: dict):
+    cls = _ERRORS.get(err.get("type"), backend.RemoteError)
+    op = err.get("op")
+    where = f"{op} failed on the remote GPU" if op else "the remote GPU agent refused the request"
+    when = " (asynchronously; reported at this sync point)" if err.get("deferred") else ""
+    raise cls(f"{where}{when}: {err.get('message')}")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"agent address must be HOST:PORT, got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class DirectLease:
+    """No broker: the agent at ``address`` is used directly, without quotas (single-user mode)."""
+
+    def __init__(self, address: str, fraction: float, token: str | None = None):
+        self.address, self.fraction, self.token = address, fraction, token
+
+    def acquire(self, session) -> dict:
+        return {"address": self.address, "token": self.token, "fraction": self.fraction}
+
+    def release(self) -> None:
+        pass
+
+
+def _op_name(func, _cache={}):
+    name = _cache.get(func)
+    if name is None:
+        name = _cache[func] = f"{func._schema.name}.{func._overloadname}"
+    return name
+
+
+class RemoteSession:
+    def __init__(self, lease_provider, *, session_id: str | None = None, fraction: float = 1.0,
+                 connect_timeout: float = 10.0, reply_timeout: float | None = None):
+        self.lease_provider = lease_provider
+        self.session_id = session_id or secrets.token_hex(8)
+        self.secret = secrets.token_urlsafe(24)
+        self.fraction = fraction
+        self.connect_timeout = connect_timeout
+        self.reply_timeout = reply_timeout
+        self.device_index = 0
+        self.info: dict = {}
+        self.freed: list[int] = []
+        self.attached = False
+        self.address = None
+        self.sock: socket.socket | None = None
+        self._next_id = 0
+        self._pending: list = []
+        self._bufs: list = []
+        self._buf_bytes = 0
+        self._lock = threading.RLock()
+        self._owed_replies = 0  # replies of requests abandoned by an interrupt
+        self._closed = False
+        self.on_attach = []  # callbacks(session) after a lease is taken
+        self._flusher = threading.Thread(target=self._flush_loop, name="egpu-flusher", daemon=True)
+        self._flusher.start()
+
+    # -- ids and queueing (hot path) ----------------------------------------------------
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def enqueue(self, func, eargs, ekwargs, ids, bufs) -> None:
+        if not self.attached:
+            self.attach()
+        with self._lock:
+            self._pending.append([_op_name(func), eargs, ekwargs, ids, len(self._bufs)])
+            if bufs:
+                self._bufs.extend(bufs)
+                self._buf_bytes += sum(b.nbytes for b in bufs)
+            if len(self._pending) >= BATCH_MAX_OPS or self._buf_bytes >= BATCH_MAX_BYTES:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending and not self.freed:
+            return
+        if self.sock is None:  # nothing was ever sent: frees need no agent
+            self.freed.clear()
+            return
+        freed, self.freed = self.freed, []
+        header = {"op": "batch", "ops": self._pending, "free": freed}
+        bufs = [b.view(-1).view(torch.uint8).numpy() if b.numel() else b"" for b in self._bufs]
+        self._pending, self._bufs, self._buf_bytes = [], [], 0
+        self._send(header, bufs)
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            time.sleep(FLUSH_INTERVAL)
+            if self._pending and self._lock.acquire(blocking=False):
+                try:
+                    self._flush()
+                except Exception:  # the next sync point reports a broken connection
+                    pass
+                finally:
+                    self._lock.release()
+
+    def _send(self, header, bufs=()):
+        try:
+            send_frame(self.sock, header, bufs)
+        except OSError as e:
+            self._broken(e)
+
+    def _broken(self, e):
+        self.attached = False
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        raise AgentUnavailable(
+            f"lost the connection to the GPU agent at {self.address} ({e}); tensors of this "
+            "session that lived on it are lost"
+        ) from None
+
+    def request(self, header: dict, bufs=()) -> tuple[dict, list]:
+        """Send everything queued, then ``header``, and wait for its reply."""
+        if not self.attached:
+            self.attach()
+        with self._lock:
+            self._flush()
+            self._drain_owed()
+            self._send(header, bufs)
+            self._owed_replies += 1
+            reply, rbufs = self._recv()
+            self._owed_replies -= 1
+        if "error" in reply:
+            _raise_remote(reply["error"])
+        return reply, rbufs
+
+    def _recv(self):
+        try:
+            return recv_frame(self.sock)
+        except (OSError, ConnectionError) as e:
+            self._broken(e)
+
+    def _drain_owed(self):
+        while self._owed_replies:
+            self._recv()
+            self._owed_replies -= 1
+
+    # -- sync points ------------------------------------------------------------------------
+    def fetch(self, x) -> torch.Tensor:
+        reply, bufs = self.request({"op": "fetch", "t": x._rid})
+        local = tensor_from_buffer(reply["tensor"], bufs[0])
+        if local.stride() == x.stride() or not _dense(x):
+            return local
+        # Keep the remote layout (channels_last, transposes), as .cpu() of a CUDA tensor does.
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(local)
+
+    def call(self, func, eargs, ekwargs, bufs, inputs):
+        """Run an op on the agent now: its outputs' shapes or values depend on data."""
+        header = {"op": "call", "name": _op_name(func), "args": eargs, "kwargs": ekwargs}
+        if bufs:
+            bufs = [b.view(-1).view(torch.uint8).numpy() if b.numel() else b"" for b in bufs]
+        reply, _ = self.request(header, bufs)
+        by_id = {t._rid: t for t in inputs}
+        return self._decode_result(reply["result"], by_id)
+
+    def _decode_result(self, v, by_id):
+        if isinstance(v, list):
+            return [self._decode_result(x, by_id) for x in v]
+        if isinstance(v, dict):
+            if "in" in v:
+                return by_id[v["in"]]
+            if "r" in v:
+                return backend.RemoteTensor(v["r"], v["size"], v["stride"], v["offset"],
+                                            DTYPES[v["dtype"]], v["nbytes"], self.device_index)
+            if "tuple" in v:
+                return tuple(self._decode_result(x, by_id) for x in v["tuple"])
+        return v
+
+    def synchronize(self) -> None:
+        self.request({"op": "sync"})
+
+    # -- lease and connection -------------------------------------------------------------------
+    def attach(self) -> None:
+        """Take a lease and bind this session to the agent it names (blocks while queued)."""
+        with self._lock:
+            if self.attached:
+                return
+            if self._closed:
+                raise RuntimeError("this remote GPU session has been closed")
+            lease = self.lease_provider.acquire(self)
+            try:
+                if self.sock is None or lease["address"] != self.address:
+                    self._connect(lease["address"])
+                hello = {"op": "hello", "session": self.session_id, "secret": self.secret,
+                         "token": lease.get("token"), "fraction": lease.get("fraction", self.fraction),
+                         "pid": os.getpid()}
+                send_frame(self.sock, hello)
+                reply, _ = recv_frame(self.sock)
+            except (OSError, ConnectionError) as e:
+                self.lease_provider.release()
+                self.sock = None
+                raise AgentUnavailable(f"cannot reach the GPU agent at {lease['address']}: {e}") from None
+            if "error" in reply:
+                self.lease_provider.release()
+                _raise_remote(reply["error"])
+            self.info = reply["device"]
+            self.attached = True
+        for cb in self.on_attach:
+            cb(self)
+
+    def _connect(self, address: str) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        host, port = parse_address(address)
+        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        sock.settimeout(self.reply_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.address = sock, address
+
+    def release(self) -> None:
+        """Wait for queued GPU work to drain, then give the lease back (state stays on the agent)."""
+        with self._lock:
+            if not self.attached:
+                return
+            try:
+                self.request({"op": "detach"})
+            finally:
+                self.attached = False
+                self.lease_provider.release()
+
+    def close(self) -> None:
+        """Free everything on the agent and end the session."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self.sock is not None:
+                    self._pending.clear()
+                    send_frame(self.sock, {"op": "close"})
+                    self.sock.close()
+            except OSError:
+                pass
+            finally:
+                self.sock = None
+                if self.attached:
+                    self.attached = False
+                    self.lease_provider.release()
+                self._closed = True
+
+
+def _dense(x) -> bool:
+    # Strides of a non-overlapping, dense layout can be reproduced on the CPU copy.
+    return torch._prims_common.is_non_overlapping_and_dense(torch.empty_strided(
+        x.shape, x.stride(), device="meta"))

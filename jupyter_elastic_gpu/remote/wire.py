@@ -1,0 +1,140 @@
+"""The data-plane wire format shared by the remote client and the agent.
+
+A frame is ``[u32 header length][u32 buffer count][u64 length per buffer][JSON header][buffers]``.
+The header is plain JSON and buffers are raw tensor bytes described by the header
+(dtype, shape, strides), so nothing on the wire is ever executable: no pickle, no code.
+Values inside op arguments are JSON scalars and lists, plus single-key tagged dicts
+for the few torch types aten schemas take (tensors, dtypes, devices, layouts...).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import torch
+
+MAX_HEADER_BYTES = 64 << 20
+MAX_BUFFERS = 1 << 16
+# A single tensor payload larger than this is refused before reading it, so a hostile
+# length field cannot make a peer allocate unbounded memory.
+MAX_BUFFER_BYTES = 64 << 30
+
+_PREFIX = struct.Struct("<II")
+
+
+class ProtocolError(Exception):
+    """A frame or value that does not follow the wire format."""
+
+
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
+        torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.bool, torch.uint16, torch.uint32, torch.uint64,
+        torch.float8_e4m3fn, torch.float8_e5m2,
+    )
+}
+DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+LAYOUTS = {"strided": torch.strided}
+MEMORY_FORMATS = {
+    "contiguous_format": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+    "preserve_format": torch.preserve_format,
+}
+MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
+
+
+def encode_frame(header: dict, buffers: list = ()) -> list:
+    """Return the pieces of one frame, ready for ``socket.sendmsg``/``writelines``."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    views = [memoryview(b).cast("B") for b in buffers]
+    prefix = _PREFIX.pack(len(head), len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
+    return [prefix, head, *views]
+
+
+def decode_header(head: bytes) -> dict:
+    try:
+        header = json.loads(head)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"frame header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("frame header must be a JSON object")
+    return header
+
+
+def check_prefix(hlen: int, nbuf: int) -> None:
+    if hlen > MAX_HEADER_BYTES:
+        raise ProtocolError(f"frame header of {hlen} bytes exceeds the {MAX_HEADER_BYTES} byte limit")
+    if nbuf > MAX_BUFFERS:
+        raise ProtocolError(f"frame claims {nbuf} buffers; at most {MAX_BUFFERS} are allowed")
+
+
+def check_lengths(lengths) -> None:
+    for n in lengths:
+        if n > MAX_BUFFER_BYTES:
+            raise ProtocolError(f"buffer of {n} bytes exceeds the {MAX_BUFFER_BYTES} byte limit")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("connection closed by peer")
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict, list[bytearray]]:
+    """Read one frame from a blocking socket."""
+    hlen, nbuf = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
+    check_prefix(hlen, nbuf)
+    lengths = struct.unpack(f"<{nbuf}Q", _recv_exact(sock, 8 * nbuf)) if nbuf else ()
+    check_lengths(lengths)
+    header = decode_header(_recv_exact(sock, hlen))
+    return header, [_recv_exact(sock, n) for n in lengths]
+
+
+def send_frame(sock: socket.socket, header: dict, buffers: list = ()) -> None:
+    parts = encode_frame(header, buffers)
+    # sendmsg avoids joining large tensor payloads into one copy.
+    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    sent = sock.sendmsg(parts)
+    if sent < total:
+        rest = b"".join(bytes(p) for p in parts)[sent:]
+        sock.sendall(rest)
+
+
+def tensor_meta(t: torch.Tensor) -> dict:
+    """Describe a CPU tensor's bytes as they travel: always dense, in row-major order."""
+    return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+
+
+def tensor_from_buffer(meta: dict, buf) -> torch.Tensor:
+    """Rebuild a CPU tensor from a described raw buffer, validating every claim."""
+    if not isinstance(meta, dict):
+        raise ProtocolError("tensor description must be an object")
+    dtype = DTYPES.get(meta.get("dtype"))
+    if dtype is None:
+        raise ProtocolError(f"unknown dtype {meta.get('dtype')!r}")
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ProtocolError(f"bad tensor shape {shape!r}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if numel * itemsize != len(buf):
+        raise ProtocolError(
+            f"tensor of shape {shape} and dtype {meta['dtype']} needs {numel * itemsize} bytes, "
+            f"buffer has {len(buf)}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
