@@ -34,6 +34,9 @@ class Worker:
         if self.device_kind == "cuda":
             self.devices = [torch.device("cuda", g) for g in gpus]
         else:
+            from . import cpu_kernels
+
+            cpu_kernels.register()
             self.devices = [torch.device("cpu")] * max(1, len(gpus))
         self.executor = SessionExecutor(self.devices, OpResolver(opts.namespaces.split(",")))
         self.lease_secret = os.environ.pop("ELASTIC_GPU_LEASE_SECRET", "").encode() or None
@@ -150,6 +153,9 @@ class Worker:
         if op == "batch":
             ex.run_batch(h.get("ops", []), bufs, h.get("free", []))
             return None  # batches are fire-and-forget
+        if ex.error is not None and op != "detach":
+            # A sync point: the first queued op that failed is the error to report.
+            return self.reply({"error": ex.take_error()})
         if op == "detach":
             self.sync()
             self.attached = False
