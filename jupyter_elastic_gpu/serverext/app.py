@@ -385,6 +385,28 @@ class AgentBackend:
         ]
 
 
+def kernel_gpu_state(kernel_id: str, me: dict[str, Any]) -> dict[str, Any]:
+    """The status-bar state of one kernel from the broker's ``me`` answer.
+
+    The broker lease whose ``session`` is the kernel id: granted -> ``attached``,
+    queued -> ``waiting`` (with its 1-based queue position), none -> ``idle``.
+    """
+    state: dict[str, Any] = {"state": "idle", "position": None, "reason": None, "lease": None}
+    for lease in list(me.get("leases") or []) + list(me.get("queue") or []):
+        if not isinstance(lease, dict) or lease.get("session") != kernel_id:
+            continue
+        if lease.get("state") == "granted":
+            return {"state": "attached", "position": None, "reason": None, "lease": lease}
+        if lease.get("state") == "queued":
+            state = {
+                "state": "waiting",
+                "position": lease.get("position"),
+                "reason": lease.get("reason"),
+                "lease": lease,
+            }
+    return state
+
+
 def _session_on_gpu(session: dict[str, Any], index: Any) -> bool:
     gpus = session.get("gpus")
     if isinstance(gpus, list) and gpus:

@@ -9,7 +9,7 @@ import tornado.web
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
-from .app import BackendError, ElasticGPUServerExtension, strip_secrets
+from .app import BackendError, ElasticGPUServerExtension, kernel_gpu_state, strip_secrets
 
 PROVISIONER_NAME = "elastic-gpu-provisioner"
 
@@ -167,19 +167,7 @@ class KernelHandler(BaseGPUHandler):
             me = await backend.me()
         except BackendError as e:
             return self.write_backend_error(e)
-        for lease in list(me.get("leases", [])) + list(me.get("queue", [])):
-            if not isinstance(lease, dict) or lease.get("session") != kernel_id:
-                continue
-            if lease.get("state") == "granted":
-                result.update(state="attached", lease=lease)
-                break
-            if lease.get("state") == "queued":
-                result.update(
-                    state="waiting",
-                    position=lease.get("position"),
-                    reason=lease.get("reason"),
-                    lease=lease,
-                )
+        result.update(kernel_gpu_state(kernel_id, me))
         self.write_json(result)
 
 
