@@ -90,6 +90,9 @@ class RemoteTensor(torch.Tensor):
 
     __str__ = __repr__
 
+    def tolist(self):
+        return self.cpu().tolist()
+
     def __reduce_ex__(self, proto):
         # Saved remote tensors are plain CPU tensors: loadable anywhere, and
         # torch.load(map_location="cuda") brings them back to the remote GPU.
@@ -157,17 +160,20 @@ def _encode(v, sig, bufs):
     raise NotImplementedError(f"cannot send an argument of type {t.__name__} to the remote GPU")
 
 
-def _to_meta(v):
+def _to_meta(v, metas):
+    """Meta stand-ins for an op's arguments; ``metas`` gets those of remote tensors, in order."""
     if isinstance(v, RemoteTensor):
         base = torch.empty(v._nbytes // v.element_size() if v.element_size() else 0,
                            dtype=v.dtype, device="meta")
-        return base.as_strided(v.shape, v.stride(), v.storage_offset())
+        m = base.as_strided(v.shape, v.stride(), v.storage_offset())
+        metas.append(m)
+        return m
     if isinstance(v, torch.Tensor):
         return v.to("meta")
     if type(v) is torch.device and v.type == BACKEND:
         return torch.device("meta")
     if type(v) in (list, tuple):
-        return type(v)(_to_meta(x) for x in v)
+        return type(v)(_to_meta(x, metas) for x in v)
     return v
 
 
@@ -176,6 +182,9 @@ def _flat_remote(v, out):
         out.append(v)
     elif type(v) in (list, tuple):
         for x in v:
+            _flat_remote(x, out)
+    elif type(v) is dict:
+        for x in v.values():
             _flat_remote(x, out)
     return out
 
@@ -214,6 +223,10 @@ def _build(spec, inputs, ids, sess):
     return spec[1]
 
 
+# As on CUDA, only copies and indexing take non-scalar CPU tensors beside device tensors.
+_CPU_TENSOR_ARGS_OK = {torch.ops.aten.copy_.default, torch.ops.aten.index.Tensor,
+                       torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
+                       torch.ops.aten.index_put.default}
 _meta_cache: dict = {}
 _SYNC = object()  # cache marker: this signature must run on the agent synchronously
 
@@ -233,6 +246,9 @@ def _forward(func, args, kwargs):
     eargs = _encode(args, sig, bufs)
     ekwargs = {k: _encode(v, sig, bufs) for k, v in kwargs.items()}
     sig.append(tuple(kwargs))
+    if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                           f"devices, cuda:0 and cpu! (in {func})")
     key = tuple(sig)
     spec = _meta_cache.get(key)
     inputs = _flat_remote((args, kwargs), [])
@@ -250,9 +266,9 @@ def _forward(func, args, kwargs):
 
 
 def _infer(func, args, kwargs, inputs):
-    margs = _to_meta(args)
-    mkwargs = {k: _to_meta(v) for k, v in kwargs.items()}
-    meta_inputs = _flat_meta((margs, mkwargs), [])
+    meta_inputs = []
+    margs = _to_meta(args, meta_inputs)
+    mkwargs = {k: _to_meta(v, meta_inputs) for k, v in kwargs.items()}
     try:
         res = func(*margs, **mkwargs)
     except (NotImplementedError, torch._subclasses.fake_tensor.DynamicOutputShapeException):
@@ -266,18 +282,6 @@ def _infer(func, args, kwargs, inputs):
         return _out_spec(res, meta_inputs)
     except _NeedsAgent:
         return _SYNC
-
-
-def _flat_meta(v, out):
-    if isinstance(v, torch.Tensor):
-        out.append(v)
-    elif type(v) in (list, tuple):
-        for x in v:
-            _flat_meta(x, out)
-    elif type(v) is dict:
-        for x in v.values():
-            _flat_meta(x, out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------

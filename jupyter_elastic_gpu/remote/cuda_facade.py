@@ -23,6 +23,7 @@ _FACTORIES = [
     "arange", "range", "linspace", "logspace", "eye", "tensor", "as_tensor", "asarray",
     "scalar_tensor", "tril_indices", "triu_indices", "empty_permuted", "normal", "bernoulli",
 ]
+_FROM_DATA = {"tensor", "as_tensor", "asarray", "scalar_tensor"}
 _TENSOR_METHODS_WITH_DEVICE = ["new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "new_empty_strided"]
 
 _original: dict = {}
@@ -53,6 +54,23 @@ def _with_device_kwarg(fn):
         if d is not None:
             kwargs["device"] = map_device(d)
         return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _from_data(fn):
+    # Building straight onto the backend trips an internal assert in torch's data-to-tensor
+    # path; build on the CPU and copy, which is what that path does for CUDA anyway.
+    @functools.wraps(fn)
+    def wrapper(data, *args, **kwargs):
+        d = kwargs.pop("device", None)
+        d = map_device(d) if d is not None else None
+        if d is not None and torch.device(d).type == BACKEND:
+            t = fn(data, *args, **kwargs)
+            return t.to(d)
+        if d is not None:
+            kwargs["device"] = d
+        return fn(data, *args, **kwargs)
 
     return wrapper
 
@@ -243,7 +261,7 @@ def install(session) -> None:
         setattr(torch.cuda, n, getattr(facade, n))
     for n in _FACTORIES:
         if hasattr(torch, n):
-            _patch(torch, n, _with_device_kwarg)
+            _patch(torch, n, _from_data if n in _FROM_DATA else _with_device_kwarg)
     for n in _TENSOR_METHODS_WITH_DEVICE:
         _patch(torch.Tensor, n, _with_device_kwarg)
     _patch(torch.Tensor, "to", _tensor_to)

@@ -287,5 +287,5 @@ class RemoteSession:
 
 def _dense(x) -> bool:
     # Strides of a non-overlapping, dense layout can be reproduced on the CPU copy.
-    return torch._prims_common.is_non_overlapping_and_dense(torch.empty_strided(
-        x.shape, x.stride(), device="meta"))
+    return torch._prims_common.is_non_overlapping_and_dense_or_false(
+        torch.empty_strided(x.shape, x.stride(), device="meta"))

@@ -1,0 +1,155 @@
+"""Code written for a local CUDA GPU behaves the same against the remote one."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+def test_torch_cuda_reports_the_remote_gpu(remote):
+    assert torch.cuda.is_available()
+    assert torch.cuda.device_count() == 1
+    assert torch.cuda.current_device() == 0
+    props = torch.cuda.get_device_properties(0)
+    assert props.name == torch.cuda.get_device_name() and props.total_memory > 0
+    assert torch.cuda.get_device_capability() == (props.major, props.minor)
+    torch.cuda.synchronize()
+
+
+def test_tensors_say_cuda(remote):
+    x = torch.randn(2, 3, device="cuda")
+    assert x.is_cuda and x.device == torch.device("cuda", 0) and x.device.type == "cuda"
+    assert torch.zeros(2, device=torch.device("cuda")).is_cuda
+    assert torch.tensor([1, 2], device="cuda:0").tolist() == [1, 2]
+    assert torch.ones(3).cuda().sum().item() == 3
+    assert torch.ones(3).to("cuda").is_cuda and torch.ones(3).to(0).is_cuda
+    assert not x.cpu().is_cuda and x.cpu().device.type == "cpu"
+    assert x.new_zeros(4).is_cuda and torch.zeros_like(x).is_cuda
+    assert torch.arange(5, device="cuda").tolist() == list(range(5))
+
+
+def test_values_round_trip_exactly(remote):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+                  torch.int32, torch.uint8, torch.bool, torch.complex64):
+        x = (torch.randn(5, 7) * 100).to(dtype)
+        assert torch.equal(x.cuda().cpu(), x), dtype
+    t = torch.randn(4, 6).t()  # non-contiguous layouts keep their strides, as with CUDA
+    r = t.cuda()
+    assert r.stride() == t.stride() and torch.equal(r.cpu(), t)
+    assert torch.equal(torch.empty(0, 3).cuda().cpu(), torch.empty(0, 3))
+    assert torch.tensor(3.5).cuda().item() == 3.5
+
+
+def test_printing_shows_values_and_device(remote):
+    x = torch.tensor([1.5, 2.0], device="cuda")
+    assert repr(x) == "tensor([1.5000, 2.0000], device='cuda:0')"
+    h = torch.tensor([1, 2], dtype=torch.float16, device="cuda")
+    assert "dtype=torch.float16" in repr(h) and "device='cuda:0'" in repr(h)
+    w = torch.ones(2, device="cuda", requires_grad=True)
+    assert "requires_grad=True" in repr(w)
+    assert "grad_fn=<MulBackward0>" in repr(w * 2)
+    assert "Parameter containing" in repr(nn.Linear(2, 2).cuda().weight)
+
+
+def test_data_dependent_shapes_wait_for_the_agent(remote):
+    x = torch.tensor([0.0, 3.0, 0.0, 5.0], device="cuda")
+    assert x.nonzero().cpu().flatten().tolist() == [1, 3]
+    assert x[x > 1].tolist() == [3.0, 5.0]
+    assert torch.unique(torch.tensor([3, 1, 3, 2], device="cuda")).tolist() == [1, 2, 3]
+    assert bool((x > 4).any()) and not bool((x > 6).any())
+
+
+def test_save_and_load_state_dicts(remote, tmp_path):
+    model = nn.Linear(3, 2).cuda()
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    on_cpu = torch.load(path)
+    assert on_cpu["weight"].device.type == "cpu"
+    torch.testing.assert_close(on_cpu["weight"], model.weight.detach().cpu())
+    back = torch.load(path, map_location="cuda")
+    assert back["weight"].is_cuda
+    fresh = nn.Linear(3, 2).cuda()
+    fresh.load_state_dict(back)
+    torch.testing.assert_close(fresh.weight.cpu(), model.weight.cpu())
+    buf = io.BytesIO()
+    torch.save(torch.arange(4, device="cuda"), buf)
+    buf.seek(0)
+    assert torch.load(buf).tolist() == [0, 1, 2, 3]
+
+
+def test_memory_accounting_follows_allocations(remote):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    x = torch.empty(1 << 20, device="cuda")  # 4 MiB
+    assert torch.cuda.memory_allocated() >= before + 4 * (1 << 20)
+    del x
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() <= before + (1 << 16)
+    assert torch.cuda.max_memory_allocated() >= before + 4 * (1 << 20)
+    free, total = torch.cuda.mem_get_info()
+    assert 0 < free <= total
+
+
+def test_deepcopy_of_a_remote_model(remote):
+    import copy
+
+    m = nn.Linear(2, 2).cuda()
+    m2 = copy.deepcopy(m)
+    assert m2.weight.is_cuda and isinstance(m2.weight, nn.Parameter)
+    with torch.no_grad():
+        m2.weight.zero_()
+    assert m.weight.abs().sum().item() > 0
+
+
+def test_errors_name_the_op_and_the_session_survives(remote):
+    a = torch.randn(2, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="size of tensor a|broadcast"):
+        a + torch.randn(4, device="cuda")  # caught by shape inference, before sending
+    idx = torch.tensor([0, 7], device="cuda")
+    with pytest.raises(Exception, match="index|out of"):
+        torch.randn(3, device="cuda")[idx].cpu()
+    assert (a * 0).sum().item() == 0  # still usable
+
+
+def test_async_errors_surface_at_the_next_sync_point(remote):
+    from jupyter_elastic_gpu.remote import RemoteError
+
+    bad = torch.tensor([5], device="cuda")
+    out = torch.zeros(3, device="cuda").index_fill_(0, bad, 1.0)  # queued, fails remotely
+    with pytest.raises((RemoteError, IndexError), match=r"index_fill_.*asynchronously"):
+        torch.cuda.synchronize()
+    del out
+    assert torch.ones(2, device="cuda").sum().item() == 2
+
+
+def test_manual_seed_seeds_remote_randomness(remote):
+    torch.manual_seed(5)
+    a = torch.randn(4, device="cuda").cpu()
+    torch.manual_seed(5)
+    b = torch.randn(4, device="cuda").cpu()
+    assert torch.equal(a, b)
+
+
+def test_cpu_scalars_mix_with_remote_tensors(remote):
+    x = torch.ones(3, device="cuda")
+    assert (x * torch.tensor(2.0)).tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(RuntimeError):
+        x + torch.ones(3)  # a non-scalar CPU tensor: the same error as on CUDA
+
+
+def test_ops_are_batched_not_sent_one_by_one(remote):
+    sess = remote
+    sent = []
+    orig = sess._send
+    sess._send = lambda h, b=(): (sent.append(h.get("op")), orig(h, b))[1]
+    try:
+        x = torch.zeros(16, device="cuda")
+        for _ in range(200):
+            x = x + 1
+        assert x[0].item() == 200
+    finally:
+        sess._send = orig
+    assert sent.count("batch") < 20 and sent[-1] == "fetch"
