@@ -20,6 +20,9 @@ DEFAULT_NAMESPACES = frozenset({"aten", "prims"})
 DENIED_OPS = frozenset({
     "aten::from_file", "aten::set_", "aten::_set_grad_enabled",
 })
+_FACTORIES = frozenset(f"aten::{n}" for n in (
+    "empty", "empty_strided", "zeros", "ones", "full", "rand", "randn", "randint", "new_empty",
+    "new_empty_strided", "new_zeros", "new_ones", "new_full", "empty_permuted"))
 _NAME = re.compile(r"^([a-z][a-z0-9_]{0,63})::([a-z_][a-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
 
 
@@ -75,6 +78,15 @@ class SessionExecutor:
         self.failed: set[int] = set()  # ids an async error kept from being produced
         self.error: dict | None = None  # first async error since the last sync point
         self._next_agent_id = 0
+        # Storage accounting (views share a storage): enforces the slice's cap where no CUDA
+        # allocator does it for us (CPU mode), and reports memory_allocated.
+        self.cap_bytes: int | None = None
+        self.slice_cap = 0
+        self.slice_name = "this slice"
+        self._storage_of: dict[int, int] = {}
+        self._refs: dict[int, list] = {}
+        self.in_use = 0
+        self.peak = 0
 
     # -- decoding --------------------------------------------------------------------
     def tensor(self, rid) -> torch.Tensor:
@@ -128,9 +140,29 @@ class SessionExecutor:
                 raise ProtocolError("op arguments must be a list and an object")
             a = self.decode(args, bufs, base)
             k = {str(key): self.decode(val, bufs, base) for key, val in kwargs.items()}
+            if self.cap_bytes is not None and op._schema.name in _FACTORIES:
+                self._precheck(op, a, k)
             return op(*a, **k)
+        except torch.OutOfMemoryError as e:
+            if "slice" not in str(e):  # the CUDA allocator's own message: say which slice
+                first = str(e).split("\n")[0]
+                e = torch.OutOfMemoryError(f"{self.oom_message(self.in_use)} ({first})")
+            raise OpError(name, e) from None
         except Exception as e:
             raise OpError(name if isinstance(name, str) else repr(name)[:100], e) from e
+
+    def _precheck(self, op, a, k):
+        # Refuse an oversized factory before it allocates: on the CPU there is no allocator
+        # limit, and a huge request would take the whole node's memory first.
+        size = a[0] if a and isinstance(a[0], list) else k.get("size")
+        if isinstance(size, list) and all(type(x) is int for x in size):
+            n = 1
+            for x in size:
+                n *= max(x, 0)
+            dtype = k.get("dtype") or torch.get_default_dtype()
+            need = n * torch.empty((), dtype=dtype).element_size()
+            if self.in_use + need > self.cap_bytes:
+                raise torch.OutOfMemoryError(self.oom_message(self.in_use + need))
 
     def run_batch(self, ops, bufs, free=()) -> None:
         """Run queued ops; the first failure is kept for the next sync point, like CUDA's."""
@@ -141,23 +173,49 @@ class SessionExecutor:
                 raise ProtocolError("each op must be [name, args, kwargs, out_ids, buffer_base]")
             name, args, kwargs, outs, base = rec
             try:
-                self._store(self.run(name, args, kwargs, bufs, base), outs)
+                self._store(self.run(name, args, kwargs, bufs, base), outs, name)
             except Exception as e:
                 self._fail(outs)
                 if self.error is None:
                     self.error = error_payload(e, deferred=True)
         self.free(free)
 
-    def _store(self, result, outs):
+    def _store(self, result, outs, name=None):
         flat = _flat(result, [])
         if not isinstance(outs, list) or len(outs) != len(flat):
             raise ProtocolError(f"op produced {len(flat)} tensors but {outs!r} ids were given")
+        new = []
         for rid, t in zip(outs, flat):
             if rid:  # 0: the op wrote into one of its inputs, which already has an id
-                if type(rid) is not int or rid < 0:
+                if type(rid) is not int or rid <= 0:
                     raise ProtocolError(f"bad output id {rid!r}")
-                if t is not None:
-                    self.tensors[rid] = t
+                self.free([rid])  # a reused id replaces its tensor
+                self.tensors[rid] = t
+                self._account(rid, t)
+                new.append(rid)
+        if self.cap_bytes is not None and self.in_use > self.cap_bytes:
+            over = self.in_use
+            self.free(new)
+            raise torch.OutOfMemoryError(self.oom_message(over))
+
+    def oom_message(self, wanted: int) -> str:
+        gib = 1 << 30
+        cap = self.cap_bytes if self.cap_bytes is not None else self.slice_cap
+        return (f"CUDA out of memory on the {self.slice_name} slice: {cap / gib:.2f} GiB cap, "
+                f"{self.in_use / gib:.2f} GiB in use, this op needed {wanted / gib:.2f} GiB in all. "
+                "Free tensors (del, torch.cuda.empty_cache()) or ask for a larger GPU fraction.")
+
+    def _account(self, rid, t):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        self._storage_of[rid] = ptr
+        ref = self._refs.get(ptr)
+        if ref is None:
+            self._refs[ptr] = [s.nbytes(), 1]
+            self.in_use += s.nbytes()
+            self.peak = max(self.peak, self.in_use)
+        else:
+            ref[1] += 1
 
     def _fail(self, outs):
         if isinstance(outs, list):
@@ -170,6 +228,13 @@ class SessionExecutor:
             if type(rid) is int:
                 self.tensors.pop(rid, None)
                 self.failed.discard(rid)
+                ptr = self._storage_of.pop(rid, None)
+                ref = self._refs.get(ptr)
+                if ref is not None:
+                    ref[1] -= 1
+                    if ref[1] == 0:
+                        del self._refs[ptr]
+                        self.in_use -= ref[0]
 
     def take_error(self) -> dict | None:
         err, self.error = self.error, None
@@ -186,6 +251,7 @@ class SessionExecutor:
                 return {"in": inputs[id(v)]}
             self._next_agent_id -= 1
             self.tensors[self._next_agent_id] = v
+            self._account(self._next_agent_id, v)
             return {"r": self._next_agent_id, "size": list(v.shape), "stride": list(v.stride()),
                     "offset": v.storage_offset(), "dtype": DTYPE_NAMES[v.dtype],
                     "nbytes": v.untyped_storage().nbytes()}
@@ -205,16 +271,8 @@ class SessionExecutor:
         raw = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
         return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, raw.numpy()
 
-    def storages(self):
-        """Unique storages of live tensors (views share one): the session's real footprint."""
-        seen = {}
-        for t in self.tensors.values():
-            s = t.untyped_storage()
-            seen.setdefault(s.data_ptr(), s)
-        return seen
-
     def bytes_in_use(self) -> int:
-        return sum(s.nbytes() for s in self.storages().values())
+        return self.in_use
 
 
 def _flat(v, out):

@@ -203,8 +203,10 @@ class Agent:
         self.server.serve_forever(poll_interval=0.2)
 
     def shutdown(self, reason="the GPU agent is shutting down") -> None:
-        self._stop.set()
-        self.server.shutdown()
+        """Stop accepting, tell every attached client why, and end all workers."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self.server.shutdown()
         with self.lock:
             workers = list(self.workers.values())
         for w in workers:
@@ -244,13 +246,16 @@ def run_agent(opts) -> None:
 
     def on_term(signum, frame):
         log.info("signal %d: telling clients and stopping", signum)
-        threading.Thread(target=agent.shutdown, daemon=True).start()
+        # serve_forever returns once the server has stopped; workers are ended below.
+        threading.Thread(target=agent.server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     try:
         agent.serve_forever()
     except KeyboardInterrupt:
-        agent.shutdown()
+        pass
     finally:
+        agent._stop.set()
+        agent.shutdown()
         if registration:
             registration.stop()

@@ -72,6 +72,7 @@ class Worker:
             for d in self.devices:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, max(self.fraction, 0.01)), d)
         self.executor.cap_bytes = self.cap_bytes if self.device_kind == "cpu" else None
+        self.executor.slice_cap = self.cap_bytes
         self.executor.slice_name = f"{self.fraction:g} of {info['name']}"
 
     # -- control from the agent ---------------------------------------------------------
@@ -206,7 +207,6 @@ class Worker:
             return {"allocated": torch.cuda.memory_allocated(d), "reserved": torch.cuda.memory_reserved(d),
                     "max_allocated": torch.cuda.max_memory_allocated(d), "cap": self.cap_bytes}
         used = self.executor.bytes_in_use()
-        self.executor.peak = max(getattr(self.executor, "peak", 0), used)
         return {"allocated": used, "reserved": used, "max_allocated": self.executor.peak, "cap": self.cap_bytes}
 
     def shutdown(self, reason, code=0):

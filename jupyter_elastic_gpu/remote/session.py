@@ -41,6 +41,8 @@ class AgentUnavailable(ConnectionError):
 
 
 def _raise_remote(err: dict):
+    if err.get("type") == "ConnectionAbortedError":
+        raise AgentUnavailable(f"the GPU agent ended this session: {err.get('message')}")
     cls = _ERRORS.get(err.get("type"), backend.RemoteError)
     op = err.get("op")
     where = f"{op} failed on the remote GPU" if op else "the remote GPU agent refused the request"
@@ -149,10 +151,17 @@ class RemoteSession:
     def _broken(self, e):
         self.attached = False
         sock, self.sock = self.sock, None
+        why = str(e)
         if sock is not None:
+            try:  # the agent may have said why before hanging up (shutdown, worker ended)
+                sock.settimeout(0.5)
+                last, _ = recv_frame(sock)
+                why = last.get("error", {}).get("message") or why
+            except Exception:
+                pass
             sock.close()
         raise AgentUnavailable(
-            f"lost the connection to the GPU agent at {self.address} ({e}); tensors of this "
+            f"lost the connection to the GPU agent at {self.address} ({why}); tensors of this "
             "session that lived on it are lost"
         ) from None
 

@@ -1,0 +1,126 @@
+"""Slices: memory caps, isolation between sessions, reclaiming sessions of vanished clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from jupyter_elastic_gpu.agent.client import query_inventory
+
+
+def run_client(address, code, fraction=0.25, timeout=120):
+    """Run ``code`` in a fresh client process attached to ``address``; return the completed process."""
+    prog = textwrap.dedent(f"""
+        import torch
+        from jupyter_elastic_gpu import remote
+        remote.attach({address!r}, fraction={fraction})
+    """) + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=timeout)
+
+
+def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
+    agent = make_agent("--cpu-memory-gib", "0.5")  # 0.25 slice = 128 MiB
+    p = run_client(agent.address, """
+        x = torch.ones(8 << 20, device="cuda")  # 32 MiB fits
+        try:
+            y = torch.empty(40 << 20, device="cuda")  # +160 MiB does not
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError as e:
+            print("OOM:", e)
+        z = x * 2  # the session is still usable, its tensors intact
+        print("sum", z.sum().item())
+    """)
+    assert p.returncode == 0, p.stderr
+    assert "OOM:" in p.stdout and "0.25 of CPU" in p.stdout and "0.12 GiB cap" in p.stdout
+    assert f"sum {2.0 * (8 << 20)}" in p.stdout
+
+
+def test_a_crashed_worker_leaves_other_sessions_intact(make_agent):
+    agent = make_agent()
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
+    from jupyter_elastic_gpu.remote.wire import send_frame, recv_frame
+
+    victim = RemoteSession(DirectLease(agent.address, 0.5))
+    victim.attach()
+    inv = query_inventory(agent.address)
+    assert [s["session"] for s in inv["sessions"]] == [victim.session_id]
+    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, torch
+        from jupyter_elastic_gpu import remote
+        remote.attach({agent.address!r}, fraction=0.5)
+        x = torch.arange(10.0, device="cuda")
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print("after", (x * 2).sum().item(), flush=True)
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        pid = next(s["pid"] for s in query_inventory(agent.address)["sessions"]
+                   if s["session"] == victim.session_id)
+        os.kill(pid, signal.SIGKILL)  # the worker dies mid-session (as on a segfault)
+        with pytest.raises(ConnectionError, match="lost the connection"):
+            victim.synchronize()
+        out, _ = other.communicate("\n", timeout=60)
+        assert "after 90.0" in out
+    finally:
+        other.kill()
+        victim.close()
+
+
+def test_sessions_of_vanished_clients_are_freed(make_agent):
+    agent = make_agent("--session-grace", "1")
+    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, torch
+        from jupyter_elastic_gpu import remote
+        remote.attach({agent.address!r})
+        x = torch.ones(1000, device="cuda"); x.sum().item()
+        print("attached", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert client.stdout.readline().strip() == "attached"
+    assert len(query_inventory(agent.address)["sessions"]) == 1
+    client.kill()  # kill -9: no goodbye
+    client.wait()
+    deadline = time.monotonic() + 20
+    while query_inventory(agent.address)["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert query_inventory(agent.address)["sessions"] == []
+
+
+def test_agent_shutdown_tells_attached_clients(make_agent):
+    agent = make_agent()
+    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, torch
+        from jupyter_elastic_gpu import remote
+        remote.attach({agent.address!r})
+        x = torch.ones(3, device="cuda"); x.sum().item()
+        print("attached", flush=True)
+        sys.stdin.readline()
+        try:
+            x.sum().item()
+        except Exception as e:
+            print("ERR", type(e).__name__, e, flush=True)
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "attached"
+        agent.stop()
+        out, _ = client.communicate("\n", timeout=60)
+        assert "ERR" in out and "shutting down" in out
+    finally:
+        client.kill()
+
+
+def test_inventory_describes_the_cpu_stand_in(agent):
+    inv = query_inventory(agent.address)
+    assert inv["agent"]["device"] in ("cpu", "cuda")
+    gpu = inv["gpus"][0]
+    assert {"index", "uuid", "name", "memory_total", "memory_used", "utilization", "mig"} <= gpu.keys()
+    if inv["agent"]["device"] == "cpu":
+        assert "CPU" in gpu["name"] and gpu["memory_total"] > 0
