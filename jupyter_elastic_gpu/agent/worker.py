@@ -41,6 +41,7 @@ class Worker:
         self.executor = SessionExecutor(self.devices, OpResolver(opts.namespaces.split(",")))
         self.lease_secret = os.environ.pop("ELASTIC_GPU_LEASE_SECRET", "").encode() or None
         self.user = None
+        self.expires = None  # unix time the lease token runs out (None in open mode)
         self.attached = False
         self.fraction = 0.0
         self.cap_bytes = 0
@@ -105,6 +106,7 @@ class Worker:
             self.reply({"error": {"type": "PermissionError", "message": str(e), "op": None}})
             return
         self.user = claims.get("user", self.user)
+        self.expires = claims.get("exp")
         self.fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
         self.attached = True
         self._apply_cap()
@@ -140,7 +142,11 @@ class Worker:
         try:
             self.handle(header, bufs)
         except Exception as e:  # a bad request never ends the session
-            self.reply({"error": error_payload(e)})
+            if header.get("op") in ("batch", "renew"):  # no reply expected: report at next sync
+                if self.executor.error is None:
+                    self.executor.error = error_payload(e, deferred=True)
+            else:
+                self.reply({"error": error_payload(e)})
 
     def handle(self, h, bufs):
         op = h.get("op")
@@ -149,6 +155,16 @@ class Worker:
             return self.on_hello(h)
         if op == "close":
             self.shutdown("closed by client", code=0)
+        if op == "renew":
+            claims = check_hello({"session": self.session, "token": h.get("token")}, self.lease_secret,
+                                 self.opts.agent_id, self.session, self.user)
+            self.expires = claims.get("exp")
+            return None
+        if self.attached and self.expires is not None and time.time() > self.expires:
+            self.attached = False
+            self.notify(event="detached")
+            raise PermissionError("the GPU lease of this session expired (its heartbeats stopped); "
+                                  "the next GPU op takes a new one")
         if not self.attached:
             raise PermissionError("this session holds no GPU lease; attach first")
         if op == "batch":

@@ -177,6 +177,10 @@ class RemoteSession:
             reply, rbufs = self._recv()
             self._owed_replies -= 1
         if "error" in reply:
+            if reply["error"].get("type") == "PermissionError" and self.attached:
+                # The agent no longer honours our lease (expired): the next op takes a new one.
+                self.attached = False
+                self.lease_provider.release()
             _raise_remote(reply["error"])
         return reply, rbufs
 
@@ -262,6 +266,13 @@ class RemoteSession:
         sock.settimeout(self.reply_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.address = sock, address
+
+    def renew(self, token: str) -> None:
+        """Hand the agent a refreshed lease token (no reply: a rejection shows at the next sync)."""
+        with self._lock:
+            if self.attached and self.sock is not None:
+                self._flush()
+                self._send({"op": "renew", "token": token})
 
     def release(self) -> None:
         """Wait for queued GPU work to drain, then give the lease back (state stays on the agent)."""
