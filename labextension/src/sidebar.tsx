@@ -13,7 +13,7 @@ import {
   ILeaseRow,
   ISessionRow,
   IUserRow,
-  formatDuration,
+  formatSince,
   idleSessionRows,
   leaseRows,
   poolRows,
@@ -185,10 +185,9 @@ function GpuCard(props: { gpu: IGpuRow }): JSX.Element {
       aria-label={`${g.label} ${g.name}: ${g.used}, utilisation ${g.utilization}, memory ${g.memory}`}
     >
       <div className="jp-ElasticGpu-row">
-        <span className="jp-ElasticGpu-name" title={g.name}>
+        <span className="jp-ElasticGpu-name" title={`${g.label} · ${g.name}`}>
           {g.label} · {g.name}
         </span>
-        <span className="jp-ElasticGpu-dim">{g.used}</span>
       </div>
       <div className="jp-ElasticGpu-slices" aria-label={`Slices of ${g.label}`} role="list">
         {g.slices.map(s => (
@@ -202,15 +201,14 @@ function GpuCard(props: { gpu: IGpuRow }): JSX.Element {
           />
         ))}
       </div>
-      {g.slices.length > 0 && (
-        <div className="jp-ElasticGpu-meta jp-ElasticGpu-sliceLabels">
-          {g.slices.map(s => (
-            <span key={s.key} className="jp-ElasticGpu-sliceLabel">
-              {s.label}
-            </span>
-          ))}
-        </div>
-      )}
+      <div className="jp-ElasticGpu-meta jp-ElasticGpu-sliceLabels">
+        {g.slices.map(s => (
+          <span key={s.key} className="jp-ElasticGpu-sliceLabel">
+            {s.label}
+          </span>
+        ))}
+        <span className="jp-ElasticGpu-used">{g.used}</span>
+      </div>
       <div className="jp-ElasticGpu-metric">
         <span className="jp-ElasticGpu-metricLabel">Util</span>
         <Bar
@@ -313,7 +311,7 @@ function Banner(props: {
       {unreachable ? <div className="jp-ElasticGpu-bannerDetail">{error.message}</div> : null}
       {updatedAt ? (
         <div className="jp-ElasticGpu-bannerDetail">
-          Showing data from {formatDuration(props.now - updatedAt)} ago.
+          Showing data last updated {formatSince(updatedAt, props.now)}.
         </div>
       ) : null}
       <button className="jp-ElasticGpu-button jp-mod-styled" onClick={props.onRetry}>

@@ -286,7 +286,11 @@ class FakeBroker:
         if path == "usage":
             if not admin:
                 return self._send(req, 403, {"message": "usage is for admins only"})
-            return self._send(req, 200, {"users": state["usage"], "groups": {}})
+            # "limits" is beyond the contract's {"users", "groups"}: the sidebar shows it
+            # when the broker sends it ("—" otherwise).
+            return self._send(
+                req, 200, {"users": state["usage"], "groups": {}, "limits": state["limits"]}
+            )
         return self._send(req, 404, {"message": f"no such endpoint: {path}"})
 
     @staticmethod
