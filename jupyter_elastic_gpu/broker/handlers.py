@@ -89,11 +89,12 @@ class APIHandler(web.RequestHandler):
         return data
 
     def lease_for(self, lease_id: str) -> Lease:
-        """An active lease the caller owns (or any, for admins); ended ones come from the db."""
+        """A lease the caller owns (or any, for admins); ended ones come from the db."""
         lease = self.sched.leases.get(lease_id) or self.broker.db.get(Lease, lease_id)
-        if lease is None or not self.may_see(lease):
-            # Same answer for "not yours" and "no such lease": ids of others are not revealed.
+        if lease is None:
             raise web.HTTPError(404, f"no lease {lease_id!r}")
+        if not self.may_see(lease):
+            raise web.HTTPError(403, f"lease {lease_id!r} belongs to another user")
         return lease
 
     def may_see(self, lease: Lease) -> bool:
