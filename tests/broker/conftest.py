@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,9 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
         try:
             if requests.get(url, timeout=2).status_code in ok:
                 return
@@ -190,10 +194,20 @@ class Broker:
         return requests.request(method, self.api + path, headers=headers, timeout=10, **kw)
 
 
+class NotFound(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="session")
 def proxy_available():
     if not shutil.which("configurable-http-proxy"):
-        pytest.skip("configurable-http-proxy is not installed (npm install -g configurable-http-proxy)")
+        pytest.skip(
+            "configurable-http-proxy is not installed (npm install -g configurable-http-proxy)"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -201,16 +215,24 @@ def hub(tmp_path_factory, proxy_available):
     tmp = tmp_path_factory.mktemp("hub")
     broker_port = free_port()
     service_token = os.urandom(16).hex()
-    h = Hub(
-        tmp,
-        [
-            {
-                "name": "elastic-gpu",
-                "url": f"http://127.0.0.1:{broker_port}",
-                "api_token": service_token,
-            }
-        ],
-    )
+    # The Hub waits ~30s at start-up for an external service that does not answer yet:
+    # stand in for the broker until the Hub is up.
+    stand_in = HTTPServer(("127.0.0.1", broker_port), NotFound)
+    threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+    try:
+        h = Hub(
+            tmp,
+            [
+                {
+                    "name": "elastic-gpu",
+                    "url": f"http://127.0.0.1:{broker_port}",
+                    "api_token": service_token,
+                }
+            ],
+        )
+    finally:
+        stand_in.shutdown()
+        stand_in.server_close()
     h.broker_port, h.service_token = broker_port, service_token
     yield h
     h.stop()

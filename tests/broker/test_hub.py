@@ -24,7 +24,9 @@ def wait_until(predicate, timeout=10.0, interval=0.1):
 
 
 def test_limits_per_user_and_per_group(make_broker):
-    broker = make_broker(default_limit=0.5, group_limits={"ml": 2.0, "vision": 1.0}, user_limits={"carol": 0.25})
+    broker = make_broker(
+        default_limit=0.5, group_limits={"ml": 2.0, "vision": 1.0}, user_limits={"carol": 0.25}
+    )
     broker.agent().register_agent("a1", "127.0.0.1:9001", gpus(4))
     alice, bob, carol = (broker.client(u) for u in ("alice", "bob", "carol"))
 
@@ -58,7 +60,9 @@ def test_fair_queue_between_two_users_and_queue_timeout(make_broker):
     a1, a2 = alice.request("k1", 1.0), alice.request("k2", 1.0)
     waits = []
     got = {}
-    t = threading.Thread(target=lambda: got.setdefault("bob", bob.acquire("b1", 1.0, on_wait=waits.append)))
+    t = threading.Thread(
+        target=lambda: got.setdefault("bob", bob.acquire("b1", 1.0, on_wait=waits.append))
+    )
     t.start()
     wait_until(lambda: waits)
     assert waits[0]["position"] == 1 and waits[0]["reason"] == "pool"  # ahead of alice's two
@@ -91,7 +95,9 @@ def test_lease_expires_when_the_kernel_stops_heartbeating_and_agent_death(make_b
             agent.agent_heartbeat(a)
         fresh = alice.heartbeat(lease["id"])
         bob.heartbeat(other["id"])
-    assert fresh["state"] == "granted" and verify(fresh["token"], LEASE_SECRET)["exp"] >= time.time()
+    assert (
+        fresh["state"] == "granted" and verify(fresh["token"], LEASE_SECRET)["exp"] >= time.time()
+    )
 
     # alice's kernel goes silent; agents stay alive
     def ended(client, lease_id, beat=()):
@@ -126,7 +132,9 @@ def test_lease_expires_when_the_kernel_stops_heartbeating_and_agent_death(make_b
 
 
 def test_restart_keeps_leases_and_sighup_reloads_limits(make_broker):
-    broker = make_broker(default_limit=1.0, lease_heartbeat_timeout=30.0, agent_heartbeat_timeout=60.0)
+    broker = make_broker(
+        default_limit=1.0, lease_heartbeat_timeout=30.0, agent_heartbeat_timeout=60.0
+    )
     broker.agent().register_agent("a1", "127.0.0.1:9001", gpus(2))
     alice = broker.client("alice")
     granted = alice.acquire("k1", 1.0)
@@ -137,7 +145,9 @@ def test_restart_keeps_leases_and_sighup_reloads_limits(make_broker):
     broker.start()
     after = {x["id"]: x for x in alice.leases()}
     assert set(after) == {granted["id"], queued["id"]}
-    assert after[granted["id"]]["gpus"] == granted["gpus"] and after[queued["id"]]["state"] == "queued"
+    assert (
+        after[granted["id"]]["gpus"] == granted["gpus"] and after[queued["id"]]["state"] == "queued"
+    )
     assert verify(after[granted["id"]]["token"], LEASE_SECRET)["lease"] == granted["id"]
 
     # raise the limit, SIGHUP: the queued request is granted, the granted one untouched
@@ -166,7 +176,10 @@ def test_bad_config_fails_at_startup_with_a_clear_message(hub, tmp_path):
 
     for line, message in [
         ("c.ElasticGPUBroker.default_limit = -1", "default_limit must be a number of GPUs >= 0"),
-        ("c.ElasticGPUBroker.defualt_limit = 1", "unknown config key(s): ElasticGPUBroker.defualt_limit"),
+        (
+            "c.ElasticGPUBroker.defualt_limit = 1",
+            "unknown config key(s): ElasticGPUBroker.defualt_limit",
+        ),
         ("c.ElasticGPUBroker.fractions = [0.5, 1.5]", "1.5 fits no GPU"),
         ("c.ElasticGPUBroker.user_limits = {'alice': 'lots'}", "user_limits"),
         ("c.ElasticGPUBroker.group_limits = {'ml': -2}", "group_limits['ml']"),
@@ -199,7 +212,12 @@ def test_access_control(make_broker, hub):
     for path in ("leases?all=true", "usage", "agents"):
         r = broker.get(path, user="alice")
         assert r.status_code == 403 and r.json()["message"]
-    assert requests.get(f"{hub.url}{PREFIX}metrics", headers={"Authorization": f"token {hub.token('alice')}"}).status_code == 403
+    assert (
+        requests.get(
+            f"{hub.url}{PREFIX}metrics", headers={"Authorization": f"token {hub.token('alice')}"}
+        ).status_code
+        == 403
+    )
     # bob sees alice's slice in the pool, but not whose it is
     slices = bob.pool()["agents"][0]["gpus"][0]["slices"]
     assert {s["user"] for s in slices} == {None, "bob"}
@@ -218,9 +236,13 @@ def test_access_control(make_broker, hub):
     assert {x["user"] for x in admin.leases(all=True)} == {"alice", "bob"}
     assert {s["user"] for s in admin.pool()["agents"][0]["gpus"][0]["slices"]} == {"alice", "bob"}
     assert admin.agents()[0]["id"] == "a1"
-    assert "token" not in [k for k, v in admin._call("GET", f"leases/{mine['id']}")["lease"].items() if v]
+    assert "token" not in [
+        k for k, v in admin._call("GET", f"leases/{mine['id']}")["lease"].items() if v
+    ]
     assert admin.usage()["groups"].keys() >= {"ml", "vision"}  # bob's groups
-    metrics = requests.get(f"{hub.url}{PREFIX}metrics", headers={"Authorization": f"token {hub.token('admin')}"})
+    metrics = requests.get(
+        f"{hub.url}{PREFIX}metrics", headers={"Authorization": f"token {hub.token('admin')}"}
+    )
     assert metrics.status_code == 200 and 'elastic_gpu_leases{state="granted"} 2.0' in metrics.text
 
 
@@ -286,7 +308,9 @@ def test_managed_service(tmp_path, proxy_available):
     try:
         api = f"{hub.url}{PREFIX}api/"
         wait_http(api + "openapi.json", hub.proc, hub.log, timeout=30)
-        r = requests.get(api + "me", headers={"Authorization": f"token {hub.token('bob')}"}, timeout=10)
+        r = requests.get(
+            api + "me", headers={"Authorization": f"token {hub.token('bob')}"}, timeout=10
+        )
         assert r.status_code == 200 and r.json()["user"] == "bob" and r.json()["limit"] == 1.0
         assert "ml" in r.json()["groups"]
     finally:
