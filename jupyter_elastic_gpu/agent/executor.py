@@ -266,8 +266,9 @@ class SessionExecutor:
         raise TypeError(f"cannot return a {type(v).__name__} to the client")
 
     def fetch(self, rid):
-        t = self.tensor(rid).detach()
-        data = t.contiguous().cpu()
+        t = self.tensor(rid).detach().resolve_conj().resolve_neg()
+        # A fresh dense copy: expanded (stride 0) or sliced tensors cannot be viewed as bytes.
+        data = torch.empty(t.shape, dtype=t.dtype).copy_(t)
         raw = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
         return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, raw.numpy()
 

@@ -57,7 +57,7 @@ class RemoteTensor(torch.Tensor):
 
     def __del__(self):
         s = _session
-        if s is not None:
+        if s is not None and self._rid:  # id 0: a metadata donor that owns nothing
             # list.append is atomic under the GIL: safe from the GC at any point.
             s.freed.append(self._rid)
 
@@ -198,15 +198,19 @@ def _out_spec(res, meta_inputs):
     if isinstance(res, torch.Tensor):
         for k, m in enumerate(meta_inputs):
             if res is m:
-                return ("a", k)
-        return ("n", tuple(res.shape), res.stride(), res.storage_offset(), res.dtype,
-                res.untyped_storage().nbytes())
+                # In-place metadata ops (squeeze_, t_, resize_...) change the input's shape too.
+                return ("a", k, _meta_of(res))
+        return ("n", *_meta_of(res))
     if type(res) in (list, tuple):
         return ("l", type(res), tuple(_out_spec(r, meta_inputs) for r in res))
     if res is None:
         return ("v", None)
     # A non-tensor result (int, bool...) depends on data: only the agent knows it.
     raise _NeedsAgent
+
+
+def _meta_of(t):
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.untyped_storage().nbytes())
 
 
 def _build(spec, inputs, ids, sess):
@@ -217,7 +221,11 @@ def _build(spec, inputs, ids, sess):
         return RemoteTensor(rid, spec[1], spec[2], spec[3], spec[4], spec[5], sess.device_index)
     if kind == "a":
         ids.append(0)
-        return inputs[spec[1]]
+        x = inputs[spec[1]]
+        size, stride, offset, dtype, nbytes = spec[2]
+        if x.shape != size or x.stride() != stride or x.storage_offset() != offset:
+            _restride(x, size, stride, offset, dtype, nbytes, sess)
+        return x
     if kind == "l":
         return spec[1](_build(s, inputs, ids, sess) for s in spec[2])
     return spec[1]
@@ -227,6 +235,13 @@ def _build(spec, inputs, ids, sess):
 _CPU_TENSOR_ARGS_OK = {torch.ops.aten.copy_.default, torch.ops.aten.index.Tensor,
                        torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
                        torch.ops.aten.index_put.default}
+def _restride(x, size, stride, offset, dtype, nbytes, sess):
+    """Give wrapper ``x`` new metadata in place (``.data =`` shallow-copies a TensorImpl)."""
+    donor = RemoteTensor(0, size, stride, offset, dtype, nbytes, sess.device_index)
+    x.data = donor
+    x._nbytes = nbytes
+
+
 _meta_cache: dict = {}
 _SYNC = object()  # cache marker: this signature must run on the agent synchronously
 
@@ -271,13 +286,10 @@ def _infer(func, args, kwargs, inputs):
     mkwargs = {k: _to_meta(v, meta_inputs) for k, v in kwargs.items()}
     try:
         res = func(*margs, **mkwargs)
-    except (NotImplementedError, torch._subclasses.fake_tensor.DynamicOutputShapeException):
+    except Exception:
+        # No meta kernel, a data-dependent shape, or a user error: the agent runs it now and
+        # either returns the real outputs or raises the real (CUDA's own) error.
         return _SYNC
-    except RuntimeError as e:
-        msg = str(e)
-        if "Meta" in msg or "meta" in msg and ("not implemented" in msg or "no fake impl" in msg):
-            return _SYNC
-        raise
     try:
         return _out_spec(res, meta_inputs)
     except _NeedsAgent:
@@ -317,8 +329,18 @@ def _is_pinned(func, args, kwargs):
     return False
 
 
+def _compatible_shallow_copy(func, args, kwargs):
+    return isinstance(args[0], RemoteTensor) and isinstance(args[1], RemoteTensor)
+
+
+def _is_same_size(func, args, kwargs):
+    return args[0].shape == args[1].shape
+
+
 aten = torch.ops.aten
 SPECIAL = {
+    aten._has_compatible_shallow_copy_type.default: _compatible_shallow_copy,
+    aten.is_same_size.default: _is_same_size,
     aten._to_copy.default: _to_copy,
     aten.copy_.default: _copy_,
     aten._local_scalar_dense.default: _local_scalar_dense,

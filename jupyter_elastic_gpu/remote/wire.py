@@ -34,7 +34,7 @@ DTYPES: dict[str, torch.dtype] = {
         torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
         torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
         torch.bool, torch.uint16, torch.uint32, torch.uint64,
-        torch.float8_e4m3fn, torch.float8_e5m2,
+        torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32,
     )
 }
 DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
