@@ -99,6 +99,7 @@ class RemoteSession:
         self._lock = threading.RLock()
         self._owed_replies = 0  # replies of requests abandoned by an interrupt
         self._closed = False
+        self.stats = {"ops": 0, "batches": 0, "requests": 0}
         self.on_attach = []  # callbacks(session) after a lease is taken
         self._flusher = threading.Thread(target=self._flush_loop, name="egpu-flusher", daemon=True)
         self._flusher.start()
@@ -113,6 +114,7 @@ class RemoteSession:
             self.attach()
         with self._lock:
             self._pending.append([_op_name(func), eargs, ekwargs, ids, len(self._bufs)])
+            self.stats["ops"] += 1
             if bufs:
                 self._bufs.extend(bufs)
                 self._buf_bytes += sum(b.nbytes for b in bufs)
@@ -127,6 +129,7 @@ class RemoteSession:
             return
         freed, self.freed = self.freed, []
         header = {"op": "batch", "ops": self._pending, "free": freed}
+        self.stats["batches"] += 1
         bufs = [b.view(-1).view(torch.uint8).numpy() if b.numel() else b"" for b in self._bufs]
         self._pending, self._bufs, self._buf_bytes = [], [], 0
         self._send(header, bufs)
@@ -173,6 +176,7 @@ class RemoteSession:
             self._flush()
             self._drain_owed()
             self._send(header, bufs)
+            self.stats["requests"] += 1
             self._owed_replies += 1
             reply, rbufs = self._recv()
             self._owed_replies -= 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from jupyter_elastic_gpu.agent.client import query_inventory
+from tests.conftest import AGENT_DEVICE
 
 
 def run_client(address, code, fraction=0.25, timeout=120):
@@ -25,8 +26,9 @@ def run_client(address, code, fraction=0.25, timeout=120):
     return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.skipif(AGENT_DEVICE != "cpu", reason="the CPU-mode cap; see the gpu test below")
 def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
-    agent = make_agent("--cpu-memory-gib", "0.5")  # 0.25 slice = 128 MiB
+    agent = make_agent("--cpu-memory-gib", "0.5", device="cpu")  # 0.25 slice = 128 MiB
     p = run_client(agent.address, """
         x = torch.ones(8 << 20, device="cuda")  # 32 MiB fits
         try:
@@ -40,6 +42,26 @@ def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
     assert p.returncode == 0, p.stderr
     assert "OOM:" in p.stdout and "0.25 of CPU" in p.stdout and "0.12 GiB cap" in p.stdout
     assert f"sum {2.0 * (8 << 20)}" in p.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_slice_cap_is_enforced_by_the_cuda_allocator(make_agent):
+    agent = make_agent(device="cuda")
+    p = run_client(agent.address, """
+        total = torch.cuda.get_device_properties(0).gpu_total_memory
+        cap = torch.cuda.get_device_properties(0).total_memory
+        print("cap/total", round(cap / total, 3))
+        x = torch.empty(int(cap * 0.6) // 4, device="cuda")  # fits in the slice
+        try:
+            y = torch.empty(int(cap * 0.6) // 4, device="cuda")  # 1.2x the slice
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError as e:
+            print("OOM:", e)
+        print("alive", (x[:10] * 0 + 1).sum().item())
+    """)
+    assert p.returncode == 0, p.stderr
+    assert "cap/total 0.25" in p.stdout and "OOM:" in p.stdout and "slice" in p.stdout
+    assert "alive 10.0" in p.stdout
 
 
 def test_a_crashed_worker_leaves_other_sessions_intact(make_agent):
