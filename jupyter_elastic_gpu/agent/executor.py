@@ -94,7 +94,8 @@ class SessionExecutor:
         if t is None:
             if rid in self.failed:
                 raise RuntimeError(f"tensor {rid} was never produced: an earlier op failed")
-            raise ProtocolError(f"unknown tensor id {rid!r} in this session")
+            raise ProtocolError(f"unknown tensor id {rid!r} in this session (freed, or lost with an "
+                                "earlier GPU context of this session)")
         return t
 
     def decode(self, v, bufs, base=0):

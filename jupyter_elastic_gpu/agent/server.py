@@ -36,6 +36,7 @@ class SessionWorker:
         self.attached = False
         self.fraction = 0.0
         self.connected = False
+        self.fatal = False  # its CUDA context died: replaced on the next hello
         self.disconnected_at = None
         self.ended = threading.Event()
         self.ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -78,6 +79,8 @@ class SessionWorker:
                 self.attached, self.user, self.fraction = True, ev.get("user"), ev.get("fraction", 0)
             elif kind == "detached":
                 self.attached = False
+            elif kind == "fatal":
+                self.fatal = True
             elif kind == "disconnected":
                 self.attached, self.connected = False, False
                 self.disconnected_at = time.monotonic()
@@ -151,6 +154,11 @@ class Agent:
         if not (isinstance(session, str) and 0 < len(session) <= 128 and isinstance(secret, str)):
             self._refuse(conn, "hello needs a session id and a session secret")
             return
+        with self.lock:
+            worker = self.workers.get(session)
+        if worker is not None and (worker.fatal or worker.proc.poll() is not None):
+            worker.ended.wait(10)  # a worker that died ends; its session starts afresh
+            self.forget(worker)
         with self.lock:
             worker = self.workers.get(session)
             if worker is not None and not hmac.compare_digest(worker.secret, secret):

@@ -46,6 +46,7 @@ class Worker:
         self.fraction = 0.0
         self.cap_bytes = 0
         self.client: socket.socket | None = None
+        self.fatal = False
         self.ctl = socket.socket(fileno=opts.control_fd)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
@@ -146,7 +147,10 @@ class Worker:
                 if self.executor.error is None:
                     self.executor.error = error_payload(e, deferred=True)
             else:
-                self.reply({"error": error_payload(e)})
+                self.reply({"error": self.check_fatal(error_payload(e))})
+        if self.fatal:
+            self.notify(event="fatal")
+            sys.exit(3)
 
     def handle(self, h, bufs):
         op = h.get("op")
@@ -206,7 +210,23 @@ class Worker:
 
     def status(self, **kw):
         err = self.executor.take_error()
-        return {"error": err, **kw} if err else {"ok": True, **kw}
+        return {"error": self.check_fatal(err), **kw} if err else {"ok": True, **kw}
+
+    def check_fatal(self, err: dict) -> dict:
+        """A sticky CUDA error (device-side assert, illegal address) kills this process's
+        context: say so, and end the worker so the next attach starts a clean session."""
+        if self.device_kind != "cuda" or "CUDA error" not in (err.get("message") or ""):
+            return err
+        try:
+            torch.cuda.synchronize(self.devices[0])
+            torch.ones(1, device=self.devices[0]).sum().item()
+            return err
+        except Exception:
+            pass
+        self.fatal = True
+        return {**err, "fatal": True, "message": err["message"].split("\n")[0] + (
+            " — this session's GPU context is lost (a sticky CUDA error) and its tensors are gone; "
+            "the next GPU op starts a fresh session")}
 
     def sync(self):
         if self.device_kind == "cuda":

@@ -132,6 +132,59 @@ def _tree_to(obj, device):
     return obj
 
 
+class RemoteStream:
+    """The one in-order queue a session has: stream APIs that code calls keep working."""
+
+    def __init__(self, facade):
+        self._facade = facade
+
+    def synchronize(self):
+        self._facade.synchronize()
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def query(self):
+        return False
+
+    def is_capturing(self):
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class RemoteEvent:
+    """Timing events: ``record`` is a sync point, so ``elapsed_time`` measures remote work done."""
+
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False, facade=None):
+        self._facade, self._t = facade, None
+
+    def record(self, stream=None):
+        import time
+
+        self._facade.synchronize()
+        self._t = time.perf_counter()
+
+    def synchronize(self):
+        self._facade.synchronize()
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end):
+        return (end._t - self._t) * 1000.0
+
+
 _Props = namedtuple("_CudaDeviceProperties", "name total_memory major minor multi_processor_count "
                     "gpu_total_memory fraction is_remote")
 
@@ -218,6 +271,23 @@ class CudaFacade:
     def _is_in_bad_fork(self):
         return False
 
+    def is_current_stream_capturing(self):
+        return False
+
+    def current_stream(self, device=None):
+        return RemoteStream(self)
+
+    default_stream = current_stream
+
+    def Stream(self, device=None, priority=0, **kwargs):  # noqa: N802 - mirrors torch.cuda.Stream
+        return RemoteStream(self)
+
+    def stream(self, stream=None):
+        return stream if stream is not None else RemoteStream(self)
+
+    def Event(self, enable_timing=False, blocking=False, interprocess=False):  # noqa: N802
+        return RemoteEvent(enable_timing, blocking, interprocess, facade=self)
+
     def _lazy_init(self):
         pass
 
@@ -243,7 +313,8 @@ _FACADE_NAMES = [
     "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
     "synchronize", "memory_allocated", "max_memory_allocated", "memory_reserved", "mem_get_info",
     "empty_cache", "reset_peak_memory_stats", "manual_seed", "manual_seed_all", "_is_in_bad_fork",
-    "_lazy_init",
+    "_lazy_init", "is_current_stream_capturing", "current_stream", "default_stream", "Stream", "stream",
+    "Event",
 ]
 
 
@@ -259,6 +330,11 @@ def install(session) -> None:
     for n in _FACADE_NAMES:  # rebound on every install: each session has its own facade
         _original.setdefault((torch.cuda, n), getattr(torch.cuda, n, None))
         setattr(torch.cuda, n, getattr(facade, n))
+    # CUDA builds ask the graphs module directly (optimizers' capture health check).
+    import torch.cuda.graphs as graphs
+
+    _original.setdefault((graphs, "is_current_stream_capturing"), graphs.is_current_stream_capturing)
+    graphs.is_current_stream_capturing = facade.is_current_stream_capturing
     for n in _FACTORIES:
         if hasattr(torch, n):
             _patch(torch, n, _from_data if n in _FROM_DATA else _with_device_kwarg)

@@ -181,7 +181,13 @@ class RemoteSession:
             reply, rbufs = self._recv()
             self._owed_replies -= 1
         if "error" in reply:
-            if reply["error"].get("type") == "PermissionError" and self.attached:
+            if reply["error"].get("fatal"):
+                # The worker is gone with its CUDA context: reconnect at the next op.
+                sock, self.sock = self.sock, None
+                sock.close()
+                self.attached = False
+                self.lease_provider.release()
+            elif reply["error"].get("type") == "PermissionError" and self.attached:
                 # The agent no longer honours our lease (expired): the next op takes a new one.
                 self.attached = False
                 self.lease_provider.release()

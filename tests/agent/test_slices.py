@@ -64,6 +64,26 @@ def test_gpu_slice_cap_is_enforced_by_the_cuda_allocator(make_agent):
     assert "alive 10.0" in p.stdout
 
 
+@pytest.mark.gpu
+def test_a_sticky_cuda_error_resets_only_that_session(make_agent):
+    agent = make_agent(device="cuda")
+    p = run_client(agent.address, """
+        x = torch.arange(3.0, device="cuda")
+        try:
+            x[torch.tensor([0, 7], device="cuda")].cpu()  # device-side assert: context is dead
+        except Exception as e:
+            print("ERR", e)
+        try:
+            x.sum().item()  # that tensor was lost with the context
+        except Exception as e:
+            print("LOST", e)
+        print("fresh", torch.ones(4, device="cuda").sum().item())  # a new context works
+    """)
+    assert p.returncode == 0, p.stderr
+    assert "ERR" in p.stdout and "context is lost" in p.stdout
+    assert "LOST" in p.stdout and "fresh 4.0" in p.stdout
+
+
 def test_a_crashed_worker_leaves_other_sessions_intact(make_agent):
     agent = make_agent()
     from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.conftest import AGENT_DEVICE
+
 
 def test_torch_cuda_reports_the_remote_gpu(remote):
     assert torch.cuda.is_available()
@@ -108,10 +110,17 @@ def test_errors_name_the_op_and_the_session_survives(remote):
     a = torch.randn(2, 3, device="cuda")
     with pytest.raises(RuntimeError, match="size of tensor a|broadcast"):
         a + torch.randn(4, device="cuda")  # caught by shape inference, before sending
+    with pytest.raises(TypeError):
+        torch.randn(3, device="cuda").view("x")
+    assert (a * 0).sum().item() == 0  # still usable
+
+
+@pytest.mark.skipif(AGENT_DEVICE != "cpu", reason="on a GPU this is a sticky device-side assert: see test_slices")
+def test_out_of_range_index_is_an_error_not_a_crash(remote):
     idx = torch.tensor([0, 7], device="cuda")
     with pytest.raises(Exception, match="index|out of"):
         torch.randn(3, device="cuda")[idx].cpu()
-    assert (a * 0).sum().item() == 0  # still usable
+    assert torch.ones(2, device="cuda").sum().item() == 2
 
 
 def test_async_errors_surface_at_the_next_sync_point(remote):
