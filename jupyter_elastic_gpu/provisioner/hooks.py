@@ -1,0 +1,186 @@
+"""In-kernel GPU lease lifecycle: attach the remote client, release after cells, show waits.
+
+A cell that never touches the GPU never takes a lease (the remote session takes it lazily at
+the first GPU op). What this module adds around cells:
+
+- ``pre_run_cell``: wait until the remote client is loaded (it loads in the background so
+  the kernel is ready as fast as a plain ipykernel), and cancel a pending release, so a
+  cell that follows right away keeps the lease.
+- ``post_run_cell``: after ``linger`` seconds without a new cell, ``release()`` the lease:
+  the remote session drains queued GPU work first, then gives the slice back. Tensors stay
+  on the agent for the next cell.
+- while a cell waits in the broker's queue, a live display in the cell's output says why
+  (whose notebooks hold the quota, or a full pool) and at which position; interrupting the
+  kernel leaves the queue (``BrokerClient.acquire`` does, on the ``KeyboardInterrupt``).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger("jupyter_elastic_gpu.kernel")
+
+DEFAULT_LINGER = 0.5
+
+
+def describe_wait(lease: dict) -> str:
+    """The queue wait, for a person: what is asked, who holds it, where we are in the queue."""
+    want = f"{lease.get('fraction', 0):g}"
+    if lease.get("reason") == "quota":
+        holders = []
+        for b in lease.get("blocked_by") or []:
+            who = b.get("notebook") or f"kernel {str(b.get('session', '?'))[:8]}"
+            holders.append(f"{who} ({b.get('fraction', 0):g} GPU)")
+        why = "your GPU quota is in use" + (" by " + ", ".join(holders) if holders else "")
+        after = "It starts by itself when their cells end"
+    else:
+        why = "all GPU slices of the pool are busy"
+        after = "It starts by itself when a slice frees up"
+    return (
+        f"Waiting for a {want} GPU slice: {why}. Position {lease.get('position')} in the queue. "
+        f"{after}; interrupt the kernel to stop waiting."
+    )
+
+
+class WaitDisplay:
+    """One live, updated display per cell while its lease request is queued."""
+
+    def __init__(self):
+        self.handle = None
+        self.since = 0.0
+        self.fraction = 0.0
+
+    def reset(self) -> None:
+        self.handle = None
+
+    @staticmethod
+    def _bundle(text: str) -> dict:
+        return {
+            "text/plain": text,
+            "text/html": f'<div class="egpu-wait" style="color:#8a5300">{html.escape(text)}</div>',
+        }
+
+    def on_wait(self, lease: dict) -> None:
+        from IPython.display import display
+
+        self.fraction = lease.get("fraction", 0)
+        bundle = self._bundle(describe_wait(lease))
+        if self.handle is None:
+            self.since = time.monotonic()
+            self.handle = display(bundle, raw=True, display_id=True)
+        else:
+            self.handle.update(bundle, raw=True)
+
+    def on_attach(self, session) -> None:
+        if self.handle is not None:
+            waited = time.monotonic() - self.since
+            text = f"Got a {self.fraction:g} GPU slice after {waited:.1f} s in the queue."
+            self.handle.update(self._bundle(text), raw=True)
+            self.handle = None
+
+
+class GPUCellHooks:
+    """Attaches the remote client (in the background) and runs the lease lifecycle."""
+
+    def __init__(self, shell, *, linger: float | None = None, env=os.environ):
+        self.shell = shell
+        self.env = env
+        if linger is None:
+            linger = float(env.get("ELASTIC_GPU_LINGER", DEFAULT_LINGER))
+        self.linger = linger
+        self.session = None
+        self.load_error: BaseException | None = None
+        self.wait_display = WaitDisplay()
+        self._loaded = threading.Event()
+        self._told_load_error = False
+        self._lock = threading.Lock()  # held while a release runs; taken by pre_run_cell
+        self._cell = 0  # bumped by each cell, so a late release never hits a newer cell
+        self._timer: threading.Timer | None = None
+        self._release_error: str | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.shell.events.register("pre_run_cell", self.pre_run_cell)
+        self.shell.events.register("post_run_cell", self.post_run_cell)
+        threading.Thread(target=self._load, name="egpu-attach", daemon=True).start()
+
+    def _load(self) -> None:
+        # torch + the remote backend take ~1.5 s to import: done here, the kernel answers
+        # kernel_info at once and only a cell (which needs "cuda") waits for it.
+        try:
+            from .. import remote
+
+            session = remote.attach()
+            secret = self.env.get("ELASTIC_GPU_SESSION_SECRET")
+            if secret:
+                # The provisioner frees a dead kernel's agent session with this secret.
+                # RemoteSession has no parameter for it yet: nothing was sent, so set it.
+                session.secret = secret
+            lp = session.lease_provider
+            if hasattr(lp, "on_wait"):  # a BrokerLease
+                lp.on_wait = self.wait_display.on_wait
+                lp.kernel_name = self.env.get("ELASTIC_GPU_KERNEL_NAME") or lp.kernel_name
+                # jupyter_server names the notebook of a kernel in JPY_SESSION_NAME.
+                lp.notebook = self.env.get("JPY_SESSION_NAME") or lp.notebook
+            session.on_attach.append(self.wait_display.on_attach)
+            self.session = session
+        except BaseException as e:
+            self.load_error = e
+            log.error("elastic-gpu: the remote GPU client failed to load: %s", e)
+        finally:
+            self._loaded.set()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    # -- cells ---------------------------------------------------------------------------------
+    def pre_run_cell(self, info=None) -> None:
+        self._loaded.wait()
+        if self.load_error is not None and not self._told_load_error:
+            self._told_load_error = True
+            print(
+                f"elastic-gpu: no remote GPU in this kernel: {self.load_error}",
+                file=sys.stderr,
+                flush=True,
+            )
+        with self._lock:  # a release in flight ends before this cell's first GPU op
+            self._cell += 1
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self.wait_display.reset()
+        error, self._release_error = self._release_error, None
+        if error:
+            print(
+                f"elastic-gpu: GPU work of the previous cell failed after it ended: {error}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def post_run_cell(self, result=None) -> None:
+        session = self.session
+        if session is None or not session.attached:
+            return
+        cell = self._cell
+        timer = threading.Timer(self.linger, self._release, args=(cell,))
+        timer.daemon = True
+        timer.name = "egpu-release"
+        self._timer = timer
+        timer.start()
+
+    def _release(self, cell: int) -> None:
+        with self._lock:
+            if cell != self._cell:
+                return  # the next cell started within the linger: it keeps the lease
+            try:
+                self.session.release()  # drains queued GPU work, then gives the lease back
+            except Exception as e:
+                # An asynchronous error of the last cell's ops surfaces here: say it in the
+                # next cell rather than losing it in this thread.
+                self._release_error = f"{type(e).__name__}: {e}"
+                log.warning("elastic-gpu: releasing the lease: %s", e)

@@ -1,0 +1,182 @@
+"""``ElasticGPUProvisioner``: a local kernel process that leases remote GPU slices.
+
+The kernel runs on this CPU node like any ipykernel; what makes it a GPU kernel is its
+environment (the ``ELASTIC_GPU_*`` variables of docs/contracts.md), which the remote client
+inside the kernel reads. The lease itself is the kernel's business (taken at the first GPU
+op of a cell, given back after it). The provisioner's extra duty is at the end: a kernel
+that was killed (``kill -9``, OOM killer, restart with ``now=True``) cannot give back its
+lease or free its agent session, so ``cleanup()`` does it for it. The broker's heartbeat
+expiry and the agent's vanished-client grace are the backstops if even that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import socket
+from typing import Any
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Float, Unicode, validate
+
+from . import endpoints
+
+
+class ElasticGPUProvisioner(LocalProvisioner):
+    """Launch an ipykernel on this node with a remote GPU slice of ``gpu`` GPUs."""
+
+    gpu = Float(
+        1.0,
+        help="GPUs this kernel leases while a cell runs GPU work: a share of one GPU "
+        "(0.25, 0.5, 1) or whole GPUs (2). Normally set per kernelspec, in "
+        'metadata.kernel_provisioner.config: {"gpu": 0.5}.',
+    ).tag(config=True)
+    broker_url = Unicode(
+        "",
+        help="Broker API URL (…/services/elastic-gpu/api/). Default: $ELASTIC_GPU_BROKER_URL; "
+        "else, if no agent is set, derived from JupyterHub's $JUPYTERHUB_API_URL.",
+    ).tag(config=True)
+    agent = Unicode(
+        "",
+        help="HOST:PORT of an agent to use directly, without a broker or quotas (single-user "
+        "mode, plain `jupyter lab`). Default: $ELASTIC_GPU_AGENT. A broker URL wins over it.",
+    ).tag(config=True)
+    linger = Float(
+        None,
+        allow_none=True,
+        help="Seconds the kernel keeps its lease after a cell ends, in case the next cell starts "
+        "right away (ELASTIC_GPU_LINGER in the kernel). None: the kernel's default (0.5 s).",
+    ).tag(config=True)
+    cleanup_timeout = Float(
+        3.0,
+        help="Seconds each broker/agent call may take when freeing a dead kernel's lease and "
+        "session; an unreachable one is left to the broker's heartbeat expiry.",
+    ).tag(config=True)
+
+    # The agent session's secret, fresh for each launch: with it the provisioner (and only
+    # the kernel it launched) may free the session after the kernel died.
+    session_secret = Unicode("", help="Secret of the running kernel's agent session (internal).")
+
+    @validate("gpu")
+    def _check_gpu(self, proposal):
+        gpu = proposal["value"]
+        if not (math.isfinite(gpu) and gpu > 0):
+            raise ValueError(f"elastic-gpu-provisioner: gpu must be a positive fraction, not {gpu}")
+        return gpu
+
+    def _endpoints(self) -> tuple[str, str]:
+        return endpoints.resolve(self.broker_url, self.agent)
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        broker, agent = self._endpoints()
+        if not (broker or agent):
+            raise RuntimeError(
+                "elastic-gpu-provisioner: no GPU broker or agent configured; set "
+                "ELASTIC_GPU_BROKER_URL (or run under JupyterHub) or ELASTIC_GPU_AGENT=HOST:PORT, "
+                "or c.ElasticGPUProvisioner.broker_url / .agent"
+            )
+        if broker and not endpoints.hub_token():
+            raise RuntimeError(
+                f"elastic-gpu-provisioner: the broker at {broker} needs a JupyterHub token "
+                "(JUPYTERHUB_API_TOKEN) and this server has none; set ELASTIC_GPU_AGENT for "
+                "single-user mode instead"
+            )
+        self.session_secret = secrets.token_urlsafe(24)
+        return await super().pre_launch(**kwargs)
+
+    def _finalize_env(self, env: dict[str, str]) -> None:
+        super()._finalize_env(env)
+        broker, agent = self._endpoints()
+        env["ELASTIC_GPU_FRACTION"] = f"{self.gpu:g}"
+        env["ELASTIC_GPU_SESSION"] = self.kernel_id
+        env["ELASTIC_GPU_SESSION_SECRET"] = self.session_secret
+        kernel_name = getattr(self.parent, "kernel_name", "")
+        if kernel_name:
+            env["ELASTIC_GPU_KERNEL_NAME"] = kernel_name
+        # Exactly one way to the GPU, so the kernel cannot pick the other by accident.
+        if broker:
+            env["ELASTIC_GPU_BROKER_URL"] = broker
+            env.pop("ELASTIC_GPU_AGENT", None)
+            env["JUPYTERHUB_API_TOKEN"] = endpoints.hub_token()
+        else:
+            env["ELASTIC_GPU_AGENT"] = agent
+            env.pop("ELASTIC_GPU_BROKER_URL", None)
+        if self.linger is not None:
+            env["ELASTIC_GPU_LINGER"] = f"{self.linger:g}"
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        secret, self.session_secret = self.session_secret, ""
+        if not secret:
+            return  # never launched
+        try:
+            await asyncio.to_thread(self.free_remote, secret)
+        except Exception as e:  # never fail a shutdown over it: expiry is the backstop
+            self.log.warning(
+                "elastic-gpu: could not free kernel %s's GPU lease/session: %s", self.kernel_id, e
+            )
+
+    def free_remote(self, secret: str) -> None:
+        """End this kernel's leases at the broker and its session on the agent(s)."""
+        broker, agent = self._endpoints()
+        addresses = [agent] if agent else []
+        if broker:
+            from ..broker.client import BrokerClient
+
+            client = BrokerClient(broker, endpoints.hub_token(), timeout=self.cleanup_timeout)
+            for lease in client.leases():
+                if lease.get("session") != self.kernel_id or lease.get("state") == "ended":
+                    continue
+                client.release(lease["id"])
+                self.log.info(
+                    "elastic-gpu: released lease %s of ended kernel %s", lease["id"], self.kernel_id
+                )
+            # The kernel gave its lease back between cells, but its tensors may still live on
+            # an agent: look for the session on every live agent of the pool.
+            addresses = [a["address"] for a in client.pool().get("agents", []) if a.get("alive")]
+        for address in addresses:
+            close_agent_session(address, self.kernel_id, secret, timeout=self.cleanup_timeout)
+
+    async def get_provisioner_info(self) -> dict:
+        info = await super().get_provisioner_info()
+        info["elastic_gpu_secret"] = self.session_secret
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.session_secret = provisioner_info.get("elastic_gpu_secret", "")
+
+
+def close_agent_session(address: str, session: str, secret: str, *, timeout: float = 3.0) -> bool:
+    """Free ``session`` on the agent at ``address`` if it is still there; True if it was.
+
+    The agent hands a connection that knows the session's secret to the session's worker
+    even without a lease, and ``close`` is honoured before any lease check.
+    """
+    from ..agent.client import query_inventory
+    from ..remote.session import parse_address
+    from ..remote.wire import ProtocolError, recv_frame, send_frame
+
+    try:
+        sessions = query_inventory(address, timeout=timeout).get("sessions", [])
+    except (OSError, RuntimeError, ValueError):
+        return False  # agent gone: nothing of ours is left there
+    if not any(s.get("session") == session for s in sessions):
+        return False
+    try:
+        with socket.create_connection(parse_address(address), timeout=timeout) as sock:
+            send_frame(
+                sock, {"op": "hello", "session": session, "secret": secret, "token": None, "pid": 0}
+            )
+            reply, _ = recv_frame(sock)
+            if "wrong secret" in reply.get("error", {}).get("message", ""):
+                return False  # not ours to free (launched before this provisioner knew the secret)
+            send_frame(sock, {"op": "close"})
+            try:
+                recv_frame(sock)  # the worker's goodbye, or EOF
+            except (OSError, ConnectionError, ProtocolError):
+                pass
+    except (OSError, ConnectionError, ProtocolError):
+        return False  # it went away by itself meanwhile
+    return True
