@@ -15,6 +15,7 @@ import asyncio
 import math
 import secrets
 import socket
+import time
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
@@ -65,29 +66,32 @@ class ElasticGPUProvisioner(LocalProvisioner):
             raise ValueError(f"elastic-gpu-provisioner: gpu must be a positive fraction, not {gpu}")
         return gpu
 
-    def _endpoints(self) -> tuple[str, str]:
-        return endpoints.resolve(self.broker_url, self.agent)
+    # Where the running kernel leases from, fixed at launch: cleanup must reach the same
+    # broker with the same token even if the environment changed since.
+    _broker = _agent = _token = ""
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        broker, agent = self._endpoints()
+        broker, agent = endpoints.resolve(self.broker_url, self.agent)
+        token = endpoints.hub_token() if broker else ""
         if not (broker or agent):
             raise RuntimeError(
                 "elastic-gpu-provisioner: no GPU broker or agent configured; set "
                 "ELASTIC_GPU_BROKER_URL (or run under JupyterHub) or ELASTIC_GPU_AGENT=HOST:PORT, "
                 "or c.ElasticGPUProvisioner.broker_url / .agent"
             )
-        if broker and not endpoints.hub_token():
+        if broker and not token:
             raise RuntimeError(
                 f"elastic-gpu-provisioner: the broker at {broker} needs a JupyterHub token "
                 "(JUPYTERHUB_API_TOKEN) and this server has none; set ELASTIC_GPU_AGENT for "
                 "single-user mode instead"
             )
+        self._broker, self._agent, self._token = broker, agent, token
         self.session_secret = secrets.token_urlsafe(24)
         return await super().pre_launch(**kwargs)
 
     def _finalize_env(self, env: dict[str, str]) -> None:
         super()._finalize_env(env)
-        broker, agent = self._endpoints()
+        broker, agent = self._broker, self._agent
         env["ELASTIC_GPU_FRACTION"] = f"{self.gpu:g}"
         env["ELASTIC_GPU_SESSION"] = self.kernel_id
         env["ELASTIC_GPU_SESSION_SECRET"] = self.session_secret
@@ -98,7 +102,7 @@ class ElasticGPUProvisioner(LocalProvisioner):
         if broker:
             env["ELASTIC_GPU_BROKER_URL"] = broker
             env.pop("ELASTIC_GPU_AGENT", None)
-            env["JUPYTERHUB_API_TOKEN"] = endpoints.hub_token()
+            env["JUPYTERHUB_API_TOKEN"] = self._token
         else:
             env["ELASTIC_GPU_AGENT"] = agent
             env.pop("ELASTIC_GPU_BROKER_URL", None)
@@ -119,12 +123,12 @@ class ElasticGPUProvisioner(LocalProvisioner):
 
     def free_remote(self, secret: str) -> None:
         """End this kernel's leases at the broker and its session on the agent(s)."""
-        broker, agent = self._endpoints()
+        broker, agent = self._broker, self._agent
         addresses = [agent] if agent else []
         if broker:
             from ..broker.client import BrokerClient
 
-            client = BrokerClient(broker, endpoints.hub_token(), timeout=self.cleanup_timeout)
+            client = BrokerClient(broker, self._token, timeout=self.cleanup_timeout)
             for lease in client.leases():
                 if lease.get("session") != self.kernel_id or lease.get("state") == "ended":
                     continue
@@ -140,12 +144,19 @@ class ElasticGPUProvisioner(LocalProvisioner):
 
     async def get_provisioner_info(self) -> dict:
         info = await super().get_provisioner_info()
-        info["elastic_gpu_secret"] = self.session_secret
+        info["elastic_gpu"] = {
+            "secret": self.session_secret,
+            "broker": self._broker,
+            "agent": self._agent,
+        }
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
         await super().load_provisioner_info(provisioner_info)
-        self.session_secret = provisioner_info.get("elastic_gpu_secret", "")
+        saved = provisioner_info.get("elastic_gpu") or {}
+        self.session_secret = saved.get("secret", "")
+        self._broker, self._agent = saved.get("broker", ""), saved.get("agent", "")
+        self._token = endpoints.hub_token() if self._broker else ""
 
 
 def close_agent_session(address: str, session: str, secret: str, *, timeout: float = 3.0) -> bool:
@@ -179,4 +190,17 @@ def close_agent_session(address: str, session: str, secret: str, *, timeout: flo
                 pass
     except (OSError, ConnectionError, ProtocolError):
         return False  # it went away by itself meanwhile
+    # The worker exits asynchronously: answer once the agent no longer lists the session,
+    # so a restarted kernel (same session id) starts from a clean slate.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not any(
+                s.get("session") == session
+                for s in query_inventory(address, timeout=timeout)["sessions"]
+            ):
+                break
+        except (OSError, RuntimeError, ValueError):
+            break
+        time.sleep(0.05)
     return True
