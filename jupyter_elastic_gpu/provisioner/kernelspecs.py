@@ -247,8 +247,9 @@ def main(argv=None) -> int:
                 print(json.dumps(specs, indent=1))
             elif not specs:
                 print("No GPU kernelspecs installed (jupyter-elastic-gpu kernelspecs install)")
-            for name, s in sorted(specs.items(), key=lambda kv: kv[1]["fraction"]):
-                print(f"  {name:<20} {s['display_name']:<24} {s['resource_dir']}")
+            else:
+                for name, s in sorted(specs.items(), key=lambda kv: kv[1]["fraction"]):
+                    print(f"  {name:<20} {s['display_name']:<24} {s['resource_dir']}")
         else:
             for name in app.remove(opts.names, kernels_dir=_kernels_dir(opts)):
                 print(f"Removed kernelspec {name}")
