@@ -27,6 +27,9 @@ def _agent(argv):
                    help="in --device cpu mode, the memory of the emulated GPU that slices are cut from")
     p.add_argument("--session-grace", type=float, default=60.0,
                    help="seconds a session whose client vanished is kept before it is freed")
+    p.add_argument("--swap-policy", choices=["pressure", "always", "never"], default="pressure",
+                   help="when to move idle sessions' tensors to host memory: when another session needs "
+                   "the GPU memory (default), at every detach, or never")
     p.add_argument("--allow-namespace", action="append",
                    help="also allow ops of this torch.ops namespace (aten and prims always are)")
     from .agent.server import run_agent

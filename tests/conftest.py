@@ -90,6 +90,32 @@ def remote(agent):
     r.detach()
 
 
+@pytest.fixture
+def own_session():
+    """``with own_session(address, fraction) as sess:`` makes "cuda" mean that agent for the
+    block, then gives the process back to the shared ``remote`` session."""
+    import contextlib
+
+    from jupyter_elastic_gpu.remote import backend, cuda_facade
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
+
+    @contextlib.contextmanager
+    def use(address, fraction=1.0):
+        prev = backend._session
+        sess = RemoteSession(DirectLease(address, fraction), fraction=fraction)
+        backend._session = sess
+        cuda_facade.install(sess)
+        try:
+            yield sess
+        finally:
+            sess.close()
+            backend._session = prev
+            if prev is not None:
+                cuda_facade.install(prev)
+
+    return use
+
+
 def pytest_collection_modifyitems(config, items):
     if AGENT_DEVICE == "cuda":
         return

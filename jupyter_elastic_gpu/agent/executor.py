@@ -276,6 +276,36 @@ class SessionExecutor:
     def bytes_in_use(self) -> int:
         return self.in_use
 
+    # -- swapping an idle session's tensors between device and host ----------------------
+    def move_storages(self, device: torch.device, pin: bool) -> int:
+        """Move every live storage to ``device``, keeping views aliased; return bytes moved.
+
+        Views share one storage, so storages (not tensors) are copied once each and every
+        tensor is re-pointed at its storage's copy with its own size, stride and offset.
+        """
+        copies: dict[int, torch.UntypedStorage] = {}
+        for t in self.tensors.values():
+            s = t.untyped_storage()
+            if s.data_ptr() not in copies:
+                if device.type == "cpu":
+                    dst = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+                else:
+                    dst = torch.empty(s.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
+                dst.copy_(s, non_blocking=pin or device.type != "cpu")
+                copies[s.data_ptr()] = dst
+        if any(d.type == "cuda" for d in self.devices):
+            torch.cuda.synchronize()
+        for rid, t in list(self.tensors.items()):
+            dst = copies[t.untyped_storage().data_ptr()]
+            self.tensors[rid] = torch.empty(0, dtype=t.dtype, device=device).set_(
+                dst, t.storage_offset(), t.size(), t.stride())
+        self._storage_of.clear()
+        self._refs.clear()
+        self.in_use = 0
+        for rid, t in self.tensors.items():
+            self._account(rid, t)
+        return sum(c.nbytes() for c in copies.values())
+
 
 def _flat(v, out):
     if isinstance(v, torch.Tensor):

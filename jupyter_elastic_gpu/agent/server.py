@@ -37,6 +37,11 @@ class SessionWorker:
         self.fraction = 0.0
         self.connected = False
         self.fatal = False  # its CUDA context died: replaced on the next hello
+        self.attaching = False
+        self.swapped = False
+        self.swap_done = threading.Event()
+        self.in_use = 0
+        self.last_used = time.monotonic()
         self.disconnected_at = None
         self.ended = threading.Event()
         self.ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -50,6 +55,23 @@ class SessionWorker:
         self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env, start_new_session=True)
         child.close()
         threading.Thread(target=self._events, daemon=True, name=f"worker-{session}").start()
+
+    def send(self, cmd: dict) -> None:
+        try:
+            self.ctl.send(json.dumps(cmd).encode())
+        except OSError:
+            pass
+
+    def _make_room_then_proceed(self, need: int) -> None:
+        try:
+            self.agent.make_room(self, need)
+        finally:
+            self.send({"cmd": "proceed"})
+
+    def swap_out(self, timeout: float = 300.0) -> bool:
+        self.swap_done.clear()
+        self.send({"cmd": "swap_out"})
+        return self.swap_done.wait(timeout) and self.swapped
 
     def hand_over(self, conn: socket.socket, hello: dict) -> None:
         socket.send_fds(self.ctl, [json.dumps({"cmd": "conn", "hello": hello}).encode()], [conn.fileno()])
@@ -75,10 +97,31 @@ class SessionWorker:
                 break
             ev = json.loads(msg)
             kind = ev.get("event")
-            if kind == "attached":
-                self.attached, self.user, self.fraction = True, ev.get("user"), ev.get("fraction", 0)
+            self.in_use = ev.get("in_use", self.in_use)
+            if kind == "attaching":
+                self.user, self.fraction = ev.get("user"), ev.get("fraction", 0)
+                self.attaching = True
+                threading.Thread(target=self._make_room_then_proceed, args=(ev.get("need", 0),),
+                                 daemon=True).start()
+            elif kind == "attached":
+                self.attached, self.attaching = True, False
+                self.last_used = time.monotonic()
             elif kind == "detached":
                 self.attached = False
+                self.last_used = time.monotonic()
+                if self.agent.swap_policy == "always":
+                    self.send({"cmd": "swap_out"})
+            elif kind == "swapped":
+                self.swapped = bool(ev.get("ok")) or self.swapped
+                if ev.get("ok"):
+                    self.agent.swap_stats.append({"direction": "out", "bytes": ev["bytes"], "seconds": ev["seconds"]})
+                    log.info("session %s swapped out: %.1f MiB in %.3fs", self.session,
+                             ev["bytes"] / 2**20, ev["seconds"])
+                self.swap_done.set()
+            elif kind == "swapped_in":
+                self.swapped = False
+                self.agent.swap_stats.append({"direction": "in", "bytes": ev["bytes"], "seconds": ev["seconds"]})
+                log.info("session %s swapped in: %.1f MiB in %.3fs", self.session, ev["bytes"] / 2**20, ev["seconds"])
             elif kind == "fatal":
                 self.fatal = True
             elif kind == "disconnected":
@@ -94,13 +137,13 @@ class SessionWorker:
     def describe(self) -> dict:
         return {"session": self.session, "user": self.user, "attached": self.attached,
                 "fraction": self.fraction, "connected": self.connected, "pid": self.proc.pid,
-                "gpus": self.gpus}
+                "gpus": self.gpus, "memory": self.in_use, "swapped": self.swapped}
 
 
 class Agent:
     def __init__(self, *, device="cpu", host="127.0.0.1", port=0, agent_id=None, lease_secret=None,
                  namespaces=("aten", "prims"), cpu_memory_gib=16.0, session_grace=60.0,
-                 hello_timeout=10.0):
+                 hello_timeout=10.0, swap_policy="pressure"):
         self.device = device
         self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:8]}"
         self.lease_secret = lease_secret.encode() if isinstance(lease_secret, str) else lease_secret
@@ -108,6 +151,8 @@ class Agent:
         self.cpu_memory_gib = cpu_memory_gib
         self.session_grace = session_grace
         self.hello_timeout = hello_timeout
+        self.swap_policy = swap_policy
+        self.swap_stats: list[dict] = []
         self.workers: dict[str, SessionWorker] = {}
         self._handed: dict[int, bool] = {}
         self.lock = threading.Lock()
@@ -184,6 +229,30 @@ class Agent:
         except OSError:
             pass
 
+    def gpu_memory(self, gpu: int) -> int:
+        g = next((g for g in gpu_inventory(self.device, self.cpu_memory_gib) if g["index"] == gpu), None)
+        return g["memory_total"] if g else 0
+
+    def make_room(self, worker: SessionWorker, need: int) -> None:
+        """Swap idle sessions on ``worker``'s GPUs out, least recently used first, until ``need``
+        bytes fit beside the memory of the sessions that stay."""
+        if self.swap_policy == "never":
+            return
+        gpu = worker.gpus[0]
+        total = self.gpu_memory(gpu)
+        while True:
+            with self.lock:
+                same = [w for w in self.workers.values() if w is not worker and gpu in w.gpus]
+            resident = sum(w.in_use for w in same if not w.swapped)
+            if resident + need <= total:
+                return
+            idle = sorted((w for w in same if not (w.attached or w.attaching or w.swapped)),
+                          key=lambda w: w.last_used)
+            if not idle:
+                return  # nothing left to swap: the allocator's cap will say OOM if it comes to it
+            if not idle[0].swap_out():
+                return
+
     def forget(self, worker: SessionWorker) -> None:
         with self.lock:
             if self.workers.get(worker.session) is worker:
@@ -192,7 +261,8 @@ class Agent:
     def inventory(self) -> dict:
         with self.lock:
             sessions = [w.describe() for w in self.workers.values()]
-        return {"agent": {"id": self.agent_id, "address": self.address, "device": self.device},
+        return {"agent": {"id": self.agent_id, "address": self.address, "device": self.device,
+                          "swap_policy": self.swap_policy, "swaps": self.swap_stats[-20:]},
                 "gpus": gpu_inventory(self.device, self.cpu_memory_gib), "sessions": sessions}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -234,7 +304,7 @@ def run_agent(opts) -> None:
             secret = f.read().strip()
     agent = Agent(device=device, host=host.strip("[]") or "127.0.0.1", port=int(port), agent_id=opts.agent_id,
                   lease_secret=secret or None, cpu_memory_gib=opts.cpu_memory_gib,
-                  session_grace=opts.session_grace,
+                  session_grace=opts.session_grace, swap_policy=opts.swap_policy,
                   namespaces=["aten", "prims", *filter(None, opts.allow_namespace or [])])
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
     log.info("agent %s listening on %s, device=%s (%s)", agent.agent_id, agent.address, device,

@@ -47,6 +47,8 @@ class Worker:
         self.cap_bytes = 0
         self.client: socket.socket | None = None
         self.fatal = False
+        self.swapped = False
+        self.last_swap_in = None
         self.ctl = socket.socket(fileno=opts.control_fd)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
@@ -93,6 +95,27 @@ class Worker:
             self.on_hello(cmd["hello"])
         elif cmd["cmd"] == "stop":
             self.shutdown(cmd.get("reason", "the agent is shutting down"))
+        elif cmd["cmd"] == "swap_out":
+            self.swap_out()
+
+    def swap_out(self):
+        """Move this idle session's tensors to (pinned) host memory and free its GPU memory."""
+        if self.attached or self.swapped:
+            self.notify(event="swapped", ok=False, in_use=self.executor.in_use)
+            return
+        t0 = time.perf_counter()
+        nbytes = self.executor.move_storages(torch.device("cpu"), pin=self.device_kind == "cuda")
+        if self.device_kind == "cuda":
+            torch.cuda.empty_cache()
+        self.swapped = True
+        self.notify(event="swapped", ok=True, bytes=nbytes, seconds=time.perf_counter() - t0, in_use=0)
+
+    def swap_in(self):
+        t0 = time.perf_counter()
+        nbytes = self.executor.move_storages(self.devices[0], pin=False)
+        self.swapped = False
+        self.last_swap_in = {"bytes": nbytes, "seconds": time.perf_counter() - t0}
+        self.notify(event="swapped_in", **self.last_swap_in)
 
     def notify(self, **event):
         try:
@@ -109,10 +132,33 @@ class Worker:
         self.user = claims.get("user", self.user)
         self.expires = claims.get("exp")
         self.fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
-        self.attached = True
         self._apply_cap()
-        self.notify(event="attached", user=self.user, fraction=self.fraction)
-        self.reply({"ok": True, "device": self.device_info()})
+        # The agent may swap idle sessions out to make room for this one first.
+        self.notify(event="attaching", user=self.user, fraction=self.fraction, need=self.cap_bytes)
+        self.wait_for("proceed")
+        if self.swapped:
+            self.swap_in()
+        self.attached = True
+        self.notify(event="attached", user=self.user, fraction=self.fraction, in_use=self.executor.in_use)
+        self.reply({"ok": True, "device": self.device_info(), "swap_in": self.last_swap_in})
+
+    def wait_for(self, what: str, timeout: float = 120.0):
+        """Block on the control socket until the agent sends ``what`` (other commands run meanwhile)."""
+        self.ctl.settimeout(timeout)
+        try:
+            while True:
+                msg = self.ctl.recv(1 << 16)
+                if not msg:
+                    self.shutdown("the agent process went away")
+                cmd = json.loads(msg)
+                if cmd["cmd"] == what:
+                    return cmd
+                if cmd["cmd"] == "stop":
+                    self.shutdown(cmd.get("reason", "the agent is shutting down"))
+        except TimeoutError:
+            return None  # the agent did not answer: go on rather than hang the client
+        finally:
+            self.ctl.settimeout(None)
 
     # -- requests from the client --------------------------------------------------------
     def reply(self, header, bufs=()):
@@ -166,7 +212,7 @@ class Worker:
             return None
         if self.attached and self.expires is not None and time.time() > self.expires:
             self.attached = False
-            self.notify(event="detached")
+            self.notify(event="detached", in_use=self.executor.in_use)
             raise PermissionError("the GPU lease of this session expired (its heartbeats stopped); "
                                   "the next GPU op takes a new one")
         if not self.attached:
@@ -180,7 +226,7 @@ class Worker:
         if op == "detach":
             self.sync()
             self.attached = False
-            self.notify(event="detached")
+            self.notify(event="detached", in_use=self.executor.in_use)
             return self.reply(self.status())
         if op == "sync":
             self.sync()

@@ -40,11 +40,12 @@ class RemoteTensor(torch.Tensor):
     """A tensor whose data lives on the agent; ``_rid`` names it within the session."""
 
     @staticmethod
-    def __new__(cls, rid, size, stride, offset, dtype, nbytes, index=0):
+    def __new__(cls, sess, rid, size, stride, offset, dtype, nbytes):
         r = torch.Tensor._make_wrapper_subclass(
             cls, size, strides=stride, storage_offset=offset, dtype=dtype,
-            device=torch.device(BACKEND, index), requires_grad=False,
+            device=sess.torch_device, requires_grad=False,
         )
+        r._sess = sess
         r._rid = rid
         r._nbytes = nbytes
         return r
@@ -56,10 +57,9 @@ class RemoteTensor(torch.Tensor):
         return _dispatch(func, args, kwargs or {})
 
     def __del__(self):
-        s = _session
-        if s is not None and self._rid:  # id 0: a metadata donor that owns nothing
+        if self._rid:  # id 0: a metadata donor that owns nothing
             # list.append is atomic under the GIL: safe from the GC at any point.
-            s.freed.append(self._rid)
+            self._sess.freed.append(self._rid)
 
     # Users wrote "cuda"; show them "cuda". torch internals use the C++ device (egpu).
     @property
@@ -120,6 +120,9 @@ _SCALARS = (int, float, bool, str, type(None))
 def _encode(v, sig, bufs):
     t = type(v)
     if t is RemoteTensor or isinstance(v, RemoteTensor):
+        if v._sess is not _session:
+            raise RuntimeError("this tensor belongs to an earlier remote GPU session (detached or "
+                               "re-attached since), so its data is gone")
         sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
         return {"t": v._rid}
     if t in _SCALARS:
@@ -218,7 +221,7 @@ def _build(spec, inputs, ids, sess):
     if kind == "n":
         rid = sess.new_id()
         ids.append(rid)
-        return RemoteTensor(rid, spec[1], spec[2], spec[3], spec[4], spec[5], sess.device_index)
+        return RemoteTensor(sess, rid, spec[1], spec[2], spec[3], spec[4], spec[5])
     if kind == "a":
         ids.append(0)
         x = inputs[spec[1]]
@@ -237,7 +240,7 @@ _CPU_TENSOR_ARGS_OK = {torch.ops.aten.copy_.default, torch.ops.aten.index.Tensor
                        torch.ops.aten.index_put.default}
 def _restride(x, size, stride, offset, dtype, nbytes, sess):
     """Give wrapper ``x`` new metadata in place (``.data =`` shallow-copies a TensorImpl)."""
-    donor = RemoteTensor(0, size, stride, offset, dtype, nbytes, sess.device_index)
+    donor = RemoteTensor(sess, 0, size, stride, offset, dtype, nbytes)
     x.data = donor
     x._nbytes = nbytes
 
@@ -303,7 +306,7 @@ def _to_copy(func, args, kwargs):
     (x,) = args
     device = kwargs.get("device")
     if device is not None and torch.device(device).type == "cpu":
-        local = current_session().fetch(x)
+        local = x._sess.fetch(x)
         dtype, fmt = kwargs.get("dtype"), kwargs.get("memory_format")
         if dtype is not None and dtype != local.dtype:
             local = local.to(dtype)
@@ -316,13 +319,13 @@ def _to_copy(func, args, kwargs):
 def _copy_(func, args, kwargs):
     dst, src = args[0], args[1]
     if not isinstance(dst, RemoteTensor):  # remote -> CPU
-        dst.copy_(current_session().fetch(src))
+        dst.copy_(src._sess.fetch(src))
         return dst
     return _forward(func, args, kwargs)
 
 
 def _local_scalar_dense(func, args, kwargs):
-    return current_session().fetch(args[0]).item()
+    return args[0]._sess.fetch(args[0]).item()
 
 
 def _is_pinned(func, args, kwargs):

@@ -322,6 +322,7 @@ def install(session) -> None:
     facade = CudaFacade(session)
     module = types.SimpleNamespace(**{n: getattr(facade, n) for n in dir(facade) if not n.startswith("__")})
     backend.register_backend(module)
+    session.torch_device = torch.device(BACKEND, 0)
     # torch._register_device_module keeps the first module: point it at this session.
     dev_mod = getattr(torch, BACKEND)
     for n in dir(facade):

@@ -33,6 +33,9 @@ _ERRORS = {
     "TypeError": TypeError,
     "NotImplementedError": NotImplementedError,
     "PermissionError": PermissionError,
+    "_LinAlgError": torch.linalg.LinAlgError,
+    "LinAlgError": torch.linalg.LinAlgError,
+    "ProtocolError": backend.RemoteError,
 }
 
 
@@ -87,6 +90,7 @@ class RemoteSession:
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
         self.device_index = 0
+        self.torch_device = None  # set by cuda_facade.install once the backend exists
         self.info: dict = {}
         self.freed: list[int] = []
         self.attached = False
@@ -230,8 +234,8 @@ class RemoteSession:
             if "in" in v:
                 return by_id[v["in"]]
             if "r" in v:
-                return backend.RemoteTensor(v["r"], v["size"], v["stride"], v["offset"],
-                                            DTYPES[v["dtype"]], v["nbytes"], self.device_index)
+                return backend.RemoteTensor(self, v["r"], v["size"], v["stride"], v["offset"],
+                                            DTYPES[v["dtype"]], v["nbytes"])
             if "tuple" in v:
                 return tuple(self._decode_result(x, by_id) for x in v["tuple"])
         return v
