@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import secrets
 import socket
 import time
@@ -71,8 +72,10 @@ class ElasticGPUProvisioner(LocalProvisioner):
     _broker = _agent = _token = ""
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        broker, agent = endpoints.resolve(self.broker_url, self.agent)
-        token = endpoints.hub_token() if broker else ""
+        # The server's environment, plus what its kernel manager passes for this kernel.
+        env = {**os.environ, **(kwargs.get("env") or {})}
+        broker, agent = endpoints.resolve(self.broker_url, self.agent, env)
+        token = endpoints.hub_token(env) if broker else ""
         if not (broker or agent):
             raise RuntimeError(
                 "elastic-gpu-provisioner: no GPU broker or agent configured; set "
@@ -163,44 +166,54 @@ def close_agent_session(address: str, session: str, secret: str, *, timeout: flo
     """Free ``session`` on the agent at ``address`` if it is still there; True if it was.
 
     The agent hands a connection that knows the session's secret to the session's worker
-    even without a lease, and ``close`` is honoured before any lease check.
+    even without a lease, and ``close`` is honoured before any lease check. Returns once
+    the agent no longer lists the session (or after ``timeout``), so a restarted kernel
+    (same session id) starts from a clean slate.
     """
+    deadline = time.monotonic() + timeout
+    closed = False
+    while True:
+        listed = _listed(address, session, timeout)
+        if not listed:
+            return closed
+        if time.monotonic() > deadline:
+            return closed
+        if not closed:
+            outcome = _send_close(address, session, secret, timeout)
+            if outcome == "refused":
+                return False  # not ours to free (launched before this provisioner knew the secret)
+            # "retry": a worker still starting (the kernel died between lease and hello)
+            # may drop the connection unanswered; ask again until it is up.
+            closed = outcome == "closed"
+        time.sleep(0.1)
+
+
+def _listed(address: str, session: str, timeout: float) -> bool:
     from ..agent.client import query_inventory
-    from ..remote.session import parse_address
-    from ..remote.wire import ProtocolError, recv_frame, send_frame
 
     try:
         sessions = query_inventory(address, timeout=timeout).get("sessions", [])
     except (OSError, RuntimeError, ValueError):
         return False  # agent gone: nothing of ours is left there
-    if not any(s.get("session") == session for s in sessions):
-        return False
+    return any(s.get("session") == session for s in sessions)
+
+
+def _send_close(address: str, session: str, secret: str, timeout: float) -> str:
+    from ..remote.session import parse_address
+    from ..remote.wire import ProtocolError, recv_frame, send_frame
+
+    hello = {"op": "hello", "session": session, "secret": secret, "token": None, "pid": 0}
     try:
         with socket.create_connection(parse_address(address), timeout=timeout) as sock:
-            send_frame(
-                sock, {"op": "hello", "session": session, "secret": secret, "token": None, "pid": 0}
-            )
+            send_frame(sock, hello)
             reply, _ = recv_frame(sock)
             if "wrong secret" in reply.get("error", {}).get("message", ""):
-                return False  # not ours to free (launched before this provisioner knew the secret)
+                return "refused"
             send_frame(sock, {"op": "close"})
             try:
                 recv_frame(sock)  # the worker's goodbye, or EOF
             except (OSError, ConnectionError, ProtocolError):
                 pass
+            return "closed"
     except (OSError, ConnectionError, ProtocolError):
-        return False  # it went away by itself meanwhile
-    # The worker exits asynchronously: answer once the agent no longer lists the session,
-    # so a restarted kernel (same session id) starts from a clean slate.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if not any(
-                s.get("session") == session
-                for s in query_inventory(address, timeout=timeout)["sessions"]
-            ):
-                break
-        except (OSError, RuntimeError, ValueError):
-            break
-        time.sleep(0.05)
-    return True
+        return "retry"

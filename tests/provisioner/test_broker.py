@@ -17,7 +17,11 @@ from .conftest import agent_session, leases_of, text_of, wait_until
 def alice_kernel(make_kernel, broker):
     def make(notebook, name="python3-gpu-0.5", **extra):
         config = Config({"ElasticGPUProvisioner": {"broker_url": broker.api, **extra}})
-        return make_kernel(name, config=config, env={"JUPYTERHUB_API_TOKEN": "tok-alice", "JPY_SESSION_NAME": notebook})
+        return make_kernel(
+            name,
+            config=config,
+            env={"JUPYTERHUB_API_TOKEN": "tok-alice", "JPY_SESSION_NAME": notebook},
+        )
 
     return make
 
@@ -29,7 +33,9 @@ def hold_gpu(seconds: float) -> str:
 def test_lease_absent_present_gone(alice_kernel, broker, monkeypatch):
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "tok-alice")
     k = alice_kernel("lifecycle.ipynb")
-    reply, out = k.run("import torch\nx = torch.randn(64, 64)\nprint((x @ x).shape, torch.cuda.is_available())")
+    reply, out = k.run(
+        "import torch\nx = torch.randn(64, 64)\nprint((x @ x).shape, torch.cuda.is_available())"
+    )
     assert reply["status"] == "ok" and "True" in out, out
     assert leases_of(broker, k.id) == [], "a CPU-only cell must take no lease"
 
@@ -37,10 +43,15 @@ def test_lease_absent_present_gone(alice_kernel, broker, monkeypatch):
     (lease,) = wait_until(lambda: leases_of(broker, k.id), what="a lease during the GPU cell")
     assert lease["state"] == "granted" and lease["fraction"] == 0.5
     assert lease["notebook"] == "lifecycle.ipynb" and lease["kernel_name"] == "python3-gpu-0.5"
-    assert agent_session(broker.agent.address, k.id)["attached"]
+    wait_until(
+        lambda: (agent_session(broker.agent.address, k.id) or {}).get("attached"),
+        what="attached on the agent",
+    )
     k.collect(msg_id)
     assert k.reply(msg_id)["status"] == "ok"
-    wait_until(lambda: leases_of(broker, k.id) == [], timeout=5, what="the lease given back after the cell")
+    wait_until(
+        lambda: leases_of(broker, k.id) == [], timeout=5, what="the lease given back after the cell"
+    )
     assert agent_session(broker.agent.address, k.id)["attached"] is False
 
 
@@ -50,7 +61,9 @@ def test_same_user_second_kernel_queues_then_runs(alice_kernel, broker):
     held = first.submit(hold_gpu(4))
     wait_until(lambda: leases_of(broker, first.id), what="first kernel's lease")
 
-    waiting = second.submit("import torch\nprint('result', torch.full((3,), 2.0, device='cuda').sum().item())")
+    waiting = second.submit(
+        "import torch\nprint('result', torch.full((3,), 2.0, device='cuda').sum().item())"
+    )
     msgs = []
     while "Position 1" not in text_of(msgs):
         msgs += _some(second, waiting)
@@ -98,9 +111,13 @@ def test_interrupt_queue_wait_then_next_cell_works(alice_kernel, broker):
     holder.km.interrupt_kernel()  # its cell (a sleep) ends: the quota frees up
     assert holder.reply(held, timeout=15)["ename"] == "KeyboardInterrupt"
     holder.collect(held)
-    reply, out = waiter.run("y = torch.ones(2, device='cuda')\nprint('ok', y.sum().item())", timeout=60)
+    reply, out = waiter.run(
+        "y = torch.ones(2, device='cuda')\nprint('ok', y.sum().item())", timeout=60
+    )
     assert reply["status"] == "ok" and "ok 2.0" in out, out
-    wait_until(lambda: leases_of(broker, waiter.id) == [], timeout=5, what="lease back after the cell")
+    wait_until(
+        lambda: leases_of(broker, waiter.id) == [], timeout=5, what="lease back after the cell"
+    )
 
 
 def test_killed_kernel_never_keeps_its_lease(alice_kernel, broker):

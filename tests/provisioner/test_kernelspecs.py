@@ -34,15 +34,32 @@ def test_install_list_remove(clean_env, capsys):
     prefix = clean_env / "prefix"
     assert kernelspecs(["install", "--prefix", str(prefix), "--fractions", "0.5,0.25,1,2"]) == 0
     kdir = prefix / "share" / "jupyter" / "kernels"
-    assert sorted(p.name for p in kdir.iterdir()) == ["python3-gpu-0.25", "python3-gpu-0.5", "python3-gpu-1", "python3-gpu-2"]
+    assert sorted(p.name for p in kdir.iterdir()) == [
+        "python3-gpu-0.25",
+        "python3-gpu-0.5",
+        "python3-gpu-1",
+        "python3-gpu-2",
+    ]
     spec = json.loads((kdir / "python3-gpu-0.5" / "kernel.json").read_text())
     assert spec["display_name"] == "Python 3 (GPU: 0.5)"
-    assert spec["argv"][1:] == ["-m", "jupyter_elastic_gpu.provisioner.kernel", "-f", "{connection_file}"]
-    assert spec["metadata"] == {"kernel_provisioner": {"provisioner_name": "elastic-gpu-provisioner", "config": {"gpu": 0.5}}}
+    assert spec["argv"][1:] == [
+        "-m",
+        "jupyter_elastic_gpu.provisioner.kernel",
+        "-f",
+        "{connection_file}",
+    ]
+    assert spec["metadata"] == {
+        "kernel_provisioner": {
+            "provisioner_name": "elastic-gpu-provisioner",
+            "config": {"gpu": 0.5},
+        }
+    }
     assert (kdir / "python3-gpu-0.5" / "logo-svg.svg").read_text().startswith("<svg")
     # jupyter_client finds them, with their provisioner
     ksm = KernelSpecManager()
-    assert ksm.get_kernel_spec("python3-gpu-2").metadata["kernel_provisioner"]["config"] == {"gpu": 2.0}
+    assert ksm.get_kernel_spec("python3-gpu-2").metadata["kernel_provisioner"]["config"] == {
+        "gpu": 2.0
+    }
 
     capsys.readouterr()
     kernelspecs(["list", "--json"])
@@ -69,7 +86,9 @@ def test_bad_fractions_are_refused(clean_env, capsys):
 def test_fractions_from_config(clean_env):
     config_dir = clean_env / "config"
     config_dir.mkdir()
-    (config_dir / "jupyter_elastic_gpu_config.py").write_text("c.ElasticGPUKernelSpecs.fractions = [0.5, 1]\n")
+    (config_dir / "jupyter_elastic_gpu_config.py").write_text(
+        "c.ElasticGPUKernelSpecs.fractions = [0.5, 1]\n"
+    )
     kernelspecs(["install", "--prefix", str(clean_env / "prefix")])
     kdir = clean_env / "prefix" / "share" / "jupyter" / "kernels"
     assert sorted(p.name for p in kdir.iterdir()) == ["python3-gpu-0.5", "python3-gpu-1"]
@@ -80,7 +99,12 @@ def test_fractions_from_the_broker(clean_env, broker, monkeypatch):
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "tok-alice")
     kernelspecs(["install", "--prefix", str(clean_env / "prefix")])
     kdir = clean_env / "prefix" / "share" / "jupyter" / "kernels"
-    assert sorted(p.name for p in kdir.iterdir()) == ["python3-gpu-0.25", "python3-gpu-0.5", "python3-gpu-1", "python3-gpu-2"]
+    assert sorted(p.name for p in kdir.iterdir()) == [
+        "python3-gpu-0.25",
+        "python3-gpu-0.5",
+        "python3-gpu-1",
+        "python3-gpu-2",
+    ]
 
 
 def names(ksm) -> set[str]:
@@ -102,7 +126,9 @@ def test_picker_hides_specs_above_the_users_limit(kernels_dir, broker, monkeypat
 
 def test_picker_shows_everything_fast_when_the_broker_is_down(kernels_dir, monkeypatch, caplog):
     monkeypatch.delenv("ELASTIC_GPU_AGENT", raising=False)
-    monkeypatch.setenv("ELASTIC_GPU_BROKER_URL", f"http://127.0.0.1:{free_port()}/services/elastic-gpu/api/")
+    monkeypatch.setenv(
+        "ELASTIC_GPU_BROKER_URL", f"http://127.0.0.1:{free_port()}/services/elastic-gpu/api/"
+    )
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "tok-alice")
     ksm = ElasticGPUKernelSpecManager(kernel_dirs=[str(kernels_dir)], broker_timeout=0.5)
     with caplog.at_level(logging.WARNING):
@@ -126,9 +152,14 @@ def test_broker_url_from_jupyterhub_environment():
     env = {"JUPYTERHUB_API_URL": "http://10.0.0.5:8081/hub/api"}
     assert endpoints.resolve("", "", env) == ("http://10.0.0.5:8081/services/elastic-gpu/api/", "")
     env["JUPYTERHUB_BASE_URL"] = "/jhub/"
-    assert endpoints.resolve("", "", env)[0] == "http://10.0.0.5:8081/jhub/services/elastic-gpu/api/"
+    assert (
+        endpoints.resolve("", "", env)[0] == "http://10.0.0.5:8081/jhub/services/elastic-gpu/api/"
+    )
     env["JUPYTERHUB_PUBLIC_URL"] = "https://hub.example.org/jhub/"
-    assert endpoints.resolve("", "", env)[0] == "https://hub.example.org/jhub/services/elastic-gpu/api/"
+    assert (
+        endpoints.resolve("", "", env)[0]
+        == "https://hub.example.org/jhub/services/elastic-gpu/api/"
+    )
     env["ELASTIC_GPU_AGENT"] = "gpu1:7070"  # an explicit agent beats a derived broker
     assert endpoints.resolve("", "", env) == ("", "gpu1:7070")
     env["ELASTIC_GPU_BROKER_URL"] = "http://b/api/"  # an explicit broker beats everything
@@ -141,7 +172,10 @@ def test_provisioner_refuses_to_launch_without_a_gpu_source(kernels_dir, monkeyp
 
     for name in GPU_ENV:
         monkeypatch.delenv(name, raising=False)
-    km = KernelManager(kernel_name="python3-gpu-0.5", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir)]))
+    km = KernelManager(
+        kernel_name="python3-gpu-0.5",
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir)]),
+    )
     with pytest.raises(RuntimeError, match="no GPU broker or agent configured"):
         km.start_kernel()
     monkeypatch.setenv("ELASTIC_GPU_BROKER_URL", "http://127.0.0.1:1/api/")
