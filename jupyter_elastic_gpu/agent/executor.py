@@ -82,6 +82,7 @@ class SessionExecutor:
         # allocator does it for us (CPU mode), and reports memory_allocated.
         self.cap_bytes: int | None = None
         self.slice_cap = 0
+        self.cancelled = False  # an interrupt arrived: drop queued work until the next request
         self.slice_name = "this slice"
         self._storage_of: dict[int, int] = {}
         self._refs: dict[int, list] = {}
@@ -93,7 +94,8 @@ class SessionExecutor:
         t = self.tensors.get(rid) if type(rid) is int else None
         if t is None:
             if rid in self.failed:
-                raise RuntimeError(f"tensor {rid} was never produced: an earlier op failed")
+                raise RuntimeError(f"tensor {rid} was never produced: an earlier op failed or was "
+                                   "cancelled by an interrupt")
             raise ProtocolError(f"unknown tensor id {rid!r} in this session (freed, or lost with an "
                                 "earlier GPU context of this session)")
         return t
@@ -165,14 +167,21 @@ class SessionExecutor:
             if self.in_use + need > self.cap_bytes:
                 raise torch.OutOfMemoryError(self.oom_message(self.in_use + need))
 
-    def run_batch(self, ops, bufs, free=()) -> None:
-        """Run queued ops; the first failure is kept for the next sync point, like CUDA's."""
+    def run_batch(self, ops, bufs, free=(), interrupted=lambda: False) -> None:
+        """Run queued ops; the first failure is kept for the next sync point, like CUDA's.
+
+        ``interrupted()`` is polled every few ops: once it says so, the rest is skipped (their
+        outputs are never produced) so that an interrupt stops queued work promptly."""
         if not isinstance(ops, list):
             raise ProtocolError("batch ops must be a list")
-        for rec in ops:
+        for i, rec in enumerate(ops):
             if not isinstance(rec, list) or len(rec) != 5:
                 raise ProtocolError("each op must be [name, args, kwargs, out_ids, buffer_base]")
             name, args, kwargs, outs, base = rec
+            if self.cancelled or (i % 8 == 0 and interrupted()):
+                self.cancelled = True
+                self._fail(outs)
+                continue
             try:
                 self._store(self.run(name, args, kwargs, bufs, base), outs, name)
             except Exception as e:

@@ -192,6 +192,9 @@ class Agent:
         if op == "inventory":
             send_frame(conn, self.inventory())
             return
+        if op == "interrupt":
+            self.interrupt(conn, hello)
+            return
         if op != "hello":
             self._refuse(conn, f"first request must be 'hello' or 'inventory', got {op!r}")
             return
@@ -221,6 +224,17 @@ class Agent:
                          claims.get("user"), gpus, worker.proc.pid)
         worker.hand_over(conn, hello)
         self._handed[id(conn)] = True
+
+    def interrupt(self, conn, msg) -> None:
+        """Relay a client's interrupt to its worker, which is busy on the data connection."""
+        with self.lock:
+            worker = self.workers.get(msg.get("session"))
+        secret = msg.get("secret")
+        if worker is None or not isinstance(secret, str) or not hmac.compare_digest(worker.secret, secret):
+            self._refuse(conn, "no such session, or wrong secret")
+            return
+        worker.send({"cmd": "interrupt"})
+        send_frame(conn, {"ok": True})
 
     @staticmethod
     def _refuse(conn, message):

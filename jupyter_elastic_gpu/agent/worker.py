@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -97,6 +98,16 @@ class Worker:
             self.shutdown(cmd.get("reason", "the agent is shutting down"))
         elif cmd["cmd"] == "swap_out":
             self.swap_out()
+        elif cmd["cmd"] == "interrupt":
+            self.executor.cancelled = True
+
+    def interrupted(self) -> bool:
+        """Poll the control socket without blocking: has the client interrupted?"""
+        if self.executor.cancelled:
+            return True
+        while select.select([self.ctl], [], [], 0)[0]:
+            self.on_control()
+        return self.executor.cancelled
 
     def swap_out(self):
         """Move this idle session's tensors to (pinned) host memory and free its GPU memory."""
@@ -218,8 +229,9 @@ class Worker:
         if not self.attached:
             raise PermissionError("this session holds no GPU lease; attach first")
         if op == "batch":
-            ex.run_batch(h.get("ops", []), bufs, h.get("free", []))
+            ex.run_batch(h.get("ops", []), bufs, h.get("free", []), self.interrupted)
             return None  # batches are fire-and-forget
+        ex.cancelled = False  # the client's next request ends what an interrupt dropped
         if ex.error is not None and op != "detach":
             # A sync point: the first queued op that failed is the error to report.
             return self.reply({"error": ex.take_error()})

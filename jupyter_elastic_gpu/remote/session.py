@@ -12,6 +12,7 @@ right to run on a GPU slice) is taken at the first GPU op and given back by ``re
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import socket
 import threading
@@ -154,6 +155,13 @@ class RemoteSession:
             send_frame(self.sock, header, bufs)
         except OSError as e:
             self._broken(e)
+        except KeyboardInterrupt:
+            # A frame cut in half cannot be resumed: reconnect (same session) at the next op.
+            self.sock.close()
+            self.sock, self.attached = None, False
+            self._owed_replies = 0
+            self.lease_provider.release()
+            raise
 
     def _broken(self, e):
         self.attached = False
@@ -161,10 +169,10 @@ class RemoteSession:
         why = str(e)
         if sock is not None:
             try:  # the agent may have said why before hanging up (shutdown, worker ended)
-                sock.settimeout(0.5)
-                last, _ = recv_frame(sock)
-                why = last.get("error", {}).get("message") or why
-            except Exception:
+                last = self._inbox.get(timeout=0.5)
+                if isinstance(last, tuple):
+                    why = last[0].get("error", {}).get("message") or why
+            except queue.Empty:
                 pass
             sock.close()
         raise AgentUnavailable(
@@ -182,8 +190,12 @@ class RemoteSession:
             self._send(header, bufs)
             self.stats["requests"] += 1
             self._owed_replies += 1
-            reply, rbufs = self._recv()
-            self._owed_replies -= 1
+            try:
+                reply, rbufs = self._recv()
+            except KeyboardInterrupt:
+                # The reply stays owed (drained before the next request); stop the queued work.
+                self.interrupt()
+                raise
         if "error" in reply:
             if reply["error"].get("fatal"):
                 # The worker is gone with its CUDA context: reconnect at the next op.
@@ -199,15 +211,30 @@ class RemoteSession:
         return reply, rbufs
 
     def _recv(self):
-        try:
-            return recv_frame(self.sock)
-        except (OSError, ConnectionError) as e:
-            self._broken(e)
+        """The next reply. Frames are read whole by the receiver thread, so an interrupt here
+        (Ctrl-C in a notebook) never leaves half a frame behind on the stream."""
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                self._broken(item)
+            self._owed_replies -= 1
+            return item
+
+    @staticmethod
+    def _receive(sock, inbox):
+        while True:
+            try:
+                inbox.put(recv_frame(sock))
+            except BaseException as e:  # EOF, reset, or a bad frame: the connection is over
+                inbox.put(e)
+                return
 
     def _drain_owed(self):
         while self._owed_replies:
             self._recv()
-            self._owed_replies -= 1
 
     # -- sync points ------------------------------------------------------------------------
     def fetch(self, x) -> torch.Tensor:
@@ -240,6 +267,17 @@ class RemoteSession:
                 return tuple(self._decode_result(x, by_id) for x in v["tuple"])
         return v
 
+    def interrupt(self) -> None:
+        """Ask the agent to drop this session's queued work (sent beside the data connection)."""
+        self._pending.clear()
+        self._bufs, self._buf_bytes = [], 0
+        try:
+            with socket.create_connection(parse_address(self.address), timeout=5) as s:
+                send_frame(s, {"op": "interrupt", "session": self.session_id, "secret": self.secret})
+                recv_frame(s)
+        except (OSError, ConnectionError):
+            pass  # the agent is gone: the next op reports that
+
     def synchronize(self) -> None:
         self.request({"op": "sync"})
 
@@ -258,8 +296,10 @@ class RemoteSession:
                 hello = {"op": "hello", "session": self.session_id, "secret": self.secret,
                          "token": lease.get("token"), "fraction": lease.get("fraction", self.fraction),
                          "pid": os.getpid()}
+                self._drain_owed()
                 send_frame(self.sock, hello)
-                reply, _ = recv_frame(self.sock)
+                self._owed_replies += 1
+                reply, _ = self._recv()
             except (OSError, ConnectionError) as e:
                 self.lease_provider.release()
                 self.sock = None
@@ -280,6 +320,10 @@ class RemoteSession:
         sock.settimeout(self.reply_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.address = sock, address
+        self._owed_replies = 0
+        self._inbox = queue.Queue()
+        threading.Thread(target=self._receive, args=(sock, self._inbox), daemon=True,
+                         name="egpu-receiver").start()
 
     def renew(self, token: str) -> None:
         """Hand the agent a refreshed lease token (no reply: a rejection shows at the next sync)."""

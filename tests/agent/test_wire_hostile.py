@@ -62,7 +62,7 @@ def test_random_first_frames_are_refused(agent, junk):
             s.shutdown(socket.SHUT_WR)
             s.settimeout(15)
             data = s.recv(65536)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (OSError, TimeoutError):  # reset, broken pipe, not connected
             data = b""
         assert b"Traceback" not in data
     assert query_inventory(agent.address)["agent"]["id"]

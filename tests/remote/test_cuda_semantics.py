@@ -160,3 +160,21 @@ def test_ops_are_batched_not_sent_one_by_one(remote):
     finally:
         sess._send = orig
     assert sent.count("batch") < 20 and sent[-1] == "fetch"
+
+
+def test_interrupt_stops_queued_remote_work_and_the_next_call_works(remote):
+    import signal
+    import threading
+
+    x = torch.ones(256, 256, device="cuda")
+    for _ in range(3000):  # seconds of queued work on a CPU agent
+        x = (x @ x) / 256.0
+    timer = threading.Timer(0.5, lambda: signal.raise_signal(signal.SIGINT))
+    timer.start()
+    t0 = __import__("time").monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        x.sum().item()
+    with pytest.raises(RuntimeError, match="never produced"):
+        x.sum().item()  # the interrupted chain was dropped, as the user asked
+    assert torch.ones(3, device="cuda").sum().item() == 3.0
+    assert __import__("time").monotonic() - t0 < 30
