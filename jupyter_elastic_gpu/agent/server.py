@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 
-from ..remote.wire import ProtocolError, recv_frame, send_frame
+from ..remote.wire import ProtocolError, recv_frame, send_frame, set_liveness
 from .auth import HelloRejected, check_hello
 from .inventory import gpu_inventory
 
@@ -187,7 +187,7 @@ class Agent:
             self._refuse(conn, f"bad first frame: {e}")
             return
         conn.settimeout(None)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_liveness(conn, 20.0)  # a vanished client is noticed even if it never sends FIN
         op = hello.get("op")
         if op == "inventory":
             send_frame(conn, self.inventory())

@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import backend
-from .wire import send_frame, recv_frame, tensor_from_buffer, DTYPES
+from .wire import DTYPES, recv_frame, send_frame, set_liveness, tensor_from_buffer
 
 BATCH_MAX_OPS = 512
 BATCH_MAX_BYTES = 8 << 20
@@ -90,6 +90,8 @@ class RemoteSession:
         self.fraction = fraction
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
+        # A cut network or dead agent surfaces as an error after about this many seconds.
+        self.net_timeout = float(os.environ.get("ELASTIC_GPU_NET_TIMEOUT", 20))
         self.device_index = 0
         self.torch_device = None  # set by cuda_facade.install once the backend exists
         self.info: dict = {}
@@ -318,7 +320,7 @@ class RemoteSession:
         host, port = parse_address(address)
         sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         sock.settimeout(self.reply_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_liveness(sock, self.net_timeout)
         self.sock, self.address = sock, address
         self._owed_replies = 0
         self._inbox = queue.Queue()

@@ -111,6 +111,21 @@ def send_frame(sock: socket.socket, header: dict, buffers: list = ()) -> None:
         sock.sendall(rest)
 
 
+def set_liveness(sock: socket.socket, timeout: float) -> None:
+    """Make a dead peer or a cut network an error within about ``timeout`` seconds.
+
+    Keepalive probes cover a connection waiting idle for a reply (a long GPU op is fine: the
+    peer's kernel still acknowledges probes); TCP_USER_TIMEOUT covers data left unacknowledged.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probe = max(1, int(timeout / 4))
+    for opt, value in (("TCP_KEEPIDLE", probe), ("TCP_KEEPINTVL", probe), ("TCP_KEEPCNT", 3),
+                       ("TCP_USER_TIMEOUT", int(timeout * 1000))):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
 def tensor_meta(t: torch.Tensor) -> dict:
     """Describe a CPU tensor's bytes as they travel: always dense, in row-major order."""
     return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
