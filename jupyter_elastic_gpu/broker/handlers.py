@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from tornado import web
 
@@ -293,11 +293,13 @@ class LeaseHandler(APIHandler):
         # Long poll: answer as soon as the lease's state or queue position changes.
         seen = (lease.state, self.sched.positions.get(lease.id))
         deadline = time.monotonic() + wait
-        while (lease.state, self.sched.positions.get(lease.id)) == seen:
+        # Only a queued lease is worth waiting for: one granted meanwhile answers at once.
+        while lease.state == QUEUED and (lease.state, self.sched.positions.get(lease.id)) == seen:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            await self.broker.changed.wait(timeout=left)
+            # tornado takes a number as an absolute deadline: pass a duration
+            await self.broker.changed.wait(timeout=timedelta(seconds=left))
         self.finish({"lease": self.lease_model(lease)})
 
     def delete(self, lease_id):
