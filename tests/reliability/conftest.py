@@ -46,7 +46,7 @@ def pytest_terminal_summary(terminalreporter):
     if MEASURED:
         terminalreporter.section("reliability: measured recovery times")
         for scenario, what, seconds in MEASURED:
-            terminalreporter.write_line(f"{scenario:<28} {what:<42} {seconds:6.2f}s")
+            terminalreporter.write_line(f"{scenario:<46} {what:<40} {seconds:6.2f}s")
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +58,12 @@ def netns_ok():
 
 def base_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(PYTHONPATH=str(REPO), ELASTIC_GPU_NET_TIMEOUT=str(NET_TIMEOUT), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        PYTHONPATH=str(REPO),
+        ELASTIC_GPU_NET_TIMEOUT=str(NET_TIMEOUT),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("ELASTIC_GPU_LEASE_SECRET", None)
     env.pop("ELASTIC_GPU_AGENT_TOKEN", None)
     return env
@@ -71,8 +75,14 @@ class Driver:
     def __init__(self, cluster, user: str, log: Path):
         env = base_env() | {"DRIVER_BROKER": cluster.api, "DRIVER_TOKEN": USER_TOKEN[user]}
         self.proc = cluster.net.popen(
-            "cpu", [sys.executable, str(REPO / "tests/reliability/driver.py")], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True)
+            "cpu",
+            [sys.executable, str(REPO / "tests/reliability/driver.py")],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(log, "ab"),
+            text=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.hello = self.next(60)
@@ -101,8 +111,10 @@ class Cluster:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         self.net = Net()
-        self.ip = {name: self.net.host(name, n) for name, n in
-                   (("broker", 2), ("cpu", 10), ("gpu1", 21), ("gpu2", 22))}
+        self.ip = {
+            name: self.net.host(name, n)
+            for name, n in (("broker", 2), ("cpu", 10), ("gpu1", 21), ("gpu2", 22))
+        }
         self.api = f"http://{self.ip['broker']}:{BROKER_PORT}/services/elastic-gpu/api/"
         self.db = tmp / "broker.sqlite"
         self.logs = tmp / "logs"
@@ -131,25 +143,60 @@ class Cluster:
 
     def start_broker(self) -> None:
         self.broker = self.net.popen(
-            "broker", [sys.executable, "-m", "jupyter_elastic_gpu", "broker", "-f",
-                       str(self.tmp / "broker_config.py")],
-            env=base_env(), stdout=self.log("broker"), stderr=subprocess.STDOUT, cwd=self.tmp)
-        self.wait(lambda: self.http("GET", "openapi.json", token=None).status_code == 200,
-                  30, "broker up")
+            "broker",
+            [
+                sys.executable,
+                "-m",
+                "jupyter_elastic_gpu",
+                "broker",
+                "-f",
+                str(self.tmp / "broker_config.py"),
+            ],
+            env=base_env(),
+            stdout=self.log("broker"),
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+        )
+        self.wait(
+            lambda: self.http("GET", "openapi.json", token=None).status_code == 200, 30, "broker up"
+        )
 
     def start_agent(self, name: str) -> None:
-        self.agents[name] = self.net.popen(name, [
-            sys.executable, "-m", "jupyter_elastic_gpu", "agent", "--device", "cpu",
-            "--listen", self.agent_address(name), "--broker-url", self.api,
-            "--agent-token", AGENT_TOKEN, "--lease-secret-file", str(self.tmp / "lease_secret"),
-            "--agent-id", name, "--session-grace", str(SESSION_GRACE), "--cpu-memory-gib", "1"],
-            env=base_env(), stdout=self.log(name), stderr=subprocess.STDOUT)
+        self.agents[name] = self.net.popen(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "jupyter_elastic_gpu",
+                "agent",
+                "--device",
+                "cpu",
+                "--listen",
+                self.agent_address(name),
+                "--broker-url",
+                self.api,
+                "--agent-token",
+                AGENT_TOKEN,
+                "--lease-secret-file",
+                str(self.tmp / "lease_secret"),
+                "--agent-id",
+                name,
+                "--session-grace",
+                str(SESSION_GRACE),
+                "--cpu-memory-gib",
+                "1",
+            ],
+            env=base_env(),
+            stdout=self.log(name),
+            stderr=subprocess.STDOUT,
+        )
 
     def http(self, method: str, path: str, token: str | None = USER_TOKEN["root"], **kw):
         """A request to the broker from the CPU node (the path kernels use)."""
         headers = {"Authorization": f"token {token}"} if token else {}
-        return self.net.call("cpu", requests.request, method, self.api + path, headers=headers,
-                             timeout=5, **kw)
+        return self.net.call(
+            "cpu", requests.request, method, self.api + path, headers=headers, timeout=5, **kw
+        )
 
     def leases(self) -> list[dict]:
         return self.http("GET", "leases", params={"all": "true"}).json()["leases"]
@@ -183,8 +230,10 @@ class Cluster:
         self.broker.wait(10)
 
     def all_logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in sorted(self.logs.iterdir()))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted(self.logs.iterdir())
+        )
 
     def close(self) -> None:
         for p in self.net.procs:

@@ -29,8 +29,13 @@ def failure(e: BaseException) -> dict:
 def main():
     broker, token = os.environ["DRIVER_BROKER"], os.environ["DRIVER_TOKEN"]
     # Heartbeat every second so the test's short broker timeouts never expire a live lease.
-    lease = BrokerLease(broker, token, float(os.environ.get("DRIVER_FRACTION", 0.5)),
-                        heartbeat_interval=1.0, on_wait=lambda lease: None)
+    lease = BrokerLease(
+        broker,
+        token,
+        float(os.environ.get("DRIVER_FRACTION", 0.5)),
+        heartbeat_interval=1.0,
+        on_wait=lambda lease: None,
+    )
     sess = remote.attach(lease_provider=lease, fraction=lease.fraction)
     kept: dict[str, tuple] = {}
     say(ready=True, session=sess.session_id, pid=os.getpid())
@@ -64,14 +69,26 @@ def main():
                 while time.time() - t0 < cmd["seconds"]:
                     try:
                         v = float((torch.ones(4, device="cuda") * 3).sum().item())
-                        say(ok=True, value=v, address=sess.address, t_ok=time.time(), errors=errors[-5:],
-                            attempts=len(errors) + 1, lease=lease.lease and lease.lease["id"])
+                        say(
+                            ok=True,
+                            value=v,
+                            address=sess.address,
+                            t_ok=time.time(),
+                            errors=errors[-5:],
+                            attempts=len(errors) + 1,
+                            lease=lease.lease and lease.lease["id"],
+                        )
                         break
                     except Exception as e:
                         errors.append(f"{type(e).__name__}: {e}")
                         time.sleep(0.2)
                 else:
-                    say(ok=False, error="no GPU op succeeded", errors=errors[-5:], t_error=time.time())
+                    say(
+                        ok=False,
+                        error="no GPU op succeeded",
+                        errors=errors[-5:],
+                        t_error=time.time(),
+                    )
             elif op == "release":
                 sess.release()
                 say(ok=True)

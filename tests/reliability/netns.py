@@ -62,8 +62,21 @@ class Net:
         self._add_ns(ns)
         port = f"p{n}"
         # Created directly inside the two namespaces: no interface ever exists in the root one.
-        sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port,
-           "netns", self.switch)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            self.switch,
+        )
         sh("ip", "-n", self.switch, "link", "set", port, "master", "br0")
         sh("ip", "-n", self.switch, "link", "set", port, "up")
         ip = f"10.200.{self.subnet}.{n}"
@@ -73,18 +86,57 @@ class Net:
         return ip
 
     # -- faults ------------------------------------------------------------------------------
-    def cut(self, name: str) -> None:
-        """Drop every packet to and from host ``name`` (a pulled cable, not a closed socket)."""
-        sh("ip", "netns", "exec", self.hosts[name], "tc", "qdisc", "add", "dev", "eth0", "root",
-           "netem", "loss", "100%")
-        sh("ip", "netns", "exec", self.switch, "tc", "qdisc", "add", "dev",
-           f"p{self.ips[name].rsplit('.', 1)[1]}", "root", "netem", "loss", "100%")
+    def _port(self, name: str) -> str:
+        return f"p{self.ips[name].rsplit('.', 1)[1]}"
+
+    def cut(self, name: str) -> str:
+        """Drop every packet to and from host ``name`` (a pulled cable, not a closed socket).
+
+        ``tc netem loss 100%`` where the kernel has netem; else the switch port goes down
+        (the host's link loses carrier, peers see silence). Returns the method used.
+        """
+        r = sh(
+            "ip",
+            "netns",
+            "exec",
+            self.switch,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            self._port(name),
+            "root",
+            "netem",
+            "loss",
+            "100%",
+            check=False,
+        )
+        if r.returncode == 0:
+            sh(
+                "ip",
+                "netns",
+                "exec",
+                self.hosts[name],
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "eth0",
+                "root",
+                "netem",
+                "loss",
+                "100%",
+            )
+            self._cut_by = "tc netem loss 100%"
+        else:
+            sh("ip", "-n", self.switch, "link", "set", self._port(name), "down")
+            self._cut_by = "ip link set <switch port> down"
+        return self._cut_by
 
     def heal(self, name: str) -> None:
-        sh("ip", "netns", "exec", self.hosts[name], "tc", "qdisc", "del", "dev", "eth0", "root",
-           check=False)
-        sh("ip", "netns", "exec", self.switch, "tc", "qdisc", "del", "dev",
-           f"p{self.ips[name].rsplit('.', 1)[1]}", "root", check=False)
+        for ns, dev in ((self.switch, self._port(name)), (self.hosts[name], "eth0")):
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+        sh("ip", "-n", self.switch, "link", "set", self._port(name), "up")
 
     def pids(self, name: str) -> list[int]:
         r = sh("ip", "netns", "pids", self.hosts[name], check=False)
@@ -100,8 +152,9 @@ class Net:
 
     # -- processes ---------------------------------------------------------------------------
     def popen(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
-        p = subprocess.Popen(["ip", "netns", "exec", self.hosts[name], *cmd],
-                             start_new_session=True, **kw)
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", self.hosts[name], *cmd], start_new_session=True, **kw
+        )
         self.procs.append(p)
         return p
 
