@@ -94,7 +94,7 @@ def open_db(url: str) -> Session:
 
 
 def load_state(db: Session) -> tuple[list[Lease], list[Agent]]:
-    active = db.scalars(select(Lease).where(Lease.state != ENDED)).all()
+    active = db.scalars(select(Lease).where(Lease.state != ENDED).order_by(Lease.created)).all()
     return list(active), list(db.scalars(select(Agent)).all())
 
 

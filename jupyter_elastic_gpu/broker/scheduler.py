@@ -258,8 +258,9 @@ class Scheduler:
     def queue(self) -> list[Lease]:
         """Queued leases in service order: users take turns, each user's requests FIFO."""
         per_user = defaultdict(list)
+        # sorted() is stable: equal timestamps keep arrival (insertion) order.
         for lease in sorted(
-            (x for x in self.leases.values() if x.state == QUEUED), key=lambda x: (x.created, x.id)
+            (x for x in self.leases.values() if x.state == QUEUED), key=lambda x: x.created
         ):
             per_user[lease.user].append(lease)
         users = sorted(per_user, key=lambda u: (self._served.get(u, 0), per_user[u][0].created, u))
