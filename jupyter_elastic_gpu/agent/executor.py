@@ -175,8 +175,11 @@ class SessionExecutor:
         if not isinstance(ops, list):
             raise ProtocolError("batch ops must be a list")
         for i, rec in enumerate(ops):
+            if isinstance(rec, list) and len(rec) == 2 and rec[0] == "-":
+                self.free(rec[1])  # tensors the client dropped, in stream order
+                continue
             if not isinstance(rec, list) or len(rec) != 5:
-                raise ProtocolError("each op must be [name, args, kwargs, out_ids, buffer_base]")
+                raise ProtocolError("each op must be [name, args, kwargs, out_ids, buffer_base] or ['-', ids]")
             name, args, kwargs, outs, base = rec
             if self.cancelled or (i % 8 == 0 and interrupted()):
                 self.cancelled = True

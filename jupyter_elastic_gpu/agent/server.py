@@ -27,10 +27,16 @@ from .inventory import gpu_inventory
 log = logging.getLogger("jupyter_elastic_gpu.agent")
 
 
+def mps_daemon_running() -> bool:
+    """An NVIDIA MPS control daemon is up (its pipe exists): slices then get compute shares."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe, "control"))
+
+
 class SessionWorker:
     """The agent's handle on one session's worker process."""
 
-    def __init__(self, agent, session, secret, gpus):
+    def __init__(self, agent, session, secret, gpus, fraction=1.0):
         self.agent, self.session, self.secret, self.gpus = agent, session, secret, gpus
         self.user = None
         self.attached = False
@@ -41,6 +47,7 @@ class SessionWorker:
         self.swapped = False
         self.swap_done = threading.Event()
         self.in_use = 0
+        self.cap = 0
         self.last_used = time.monotonic()
         self.disconnected_at = None
         self.ended = threading.Event()
@@ -48,6 +55,9 @@ class SessionWorker:
         env = dict(os.environ)
         if agent.lease_secret:
             env["ELASTIC_GPU_LEASE_SECRET"] = agent.lease_secret.decode()
+        if agent.device == "cuda" and agent.mps and fraction < 1:
+            # Under MPS a client's compute share is fixed when its context is created.
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, int(fraction * 100)))
         cmd = [sys.executable, "-m", "jupyter_elastic_gpu.agent.worker",
                "--control-fd", str(child.fileno()), "--session", session, "--agent-id", agent.agent_id,
                "--device", agent.device, "--gpus", ",".join(map(str, gpus)),
@@ -100,6 +110,7 @@ class SessionWorker:
             self.in_use = ev.get("in_use", self.in_use)
             if kind == "attaching":
                 self.user, self.fraction = ev.get("user"), ev.get("fraction", 0)
+                self.cap = ev.get("need", 0)
                 self.attaching = True
                 threading.Thread(target=self._make_room_then_proceed, args=(ev.get("need", 0),),
                                  daemon=True).start()
@@ -152,6 +163,7 @@ class Agent:
         self.session_grace = session_grace
         self.hello_timeout = hello_timeout
         self.swap_policy = swap_policy
+        self.mps = mps_daemon_running()
         self.swap_stats: list[dict] = []
         self.workers: dict[str, SessionWorker] = {}
         self._handed: dict[int, bool] = {}
@@ -219,7 +231,8 @@ class Agent:
                     self._refuse(conn, str(e))
                     return
                 gpus = claims.get("gpus") or [0]
-                worker = self.workers[session] = SessionWorker(self, session, secret, gpus)
+                fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
+                worker = self.workers[session] = SessionWorker(self, session, secret, gpus, fraction)
                 log.info("session %s started (user %s, gpus %s, pid %d)", session,
                          claims.get("user"), gpus, worker.proc.pid)
         worker.hand_over(conn, hello)
@@ -257,7 +270,9 @@ class Agent:
         while True:
             with self.lock:
                 same = [w for w in self.workers.values() if w is not worker and gpu in w.gpus]
-            resident = sum(w.in_use for w in same if not w.swapped)
+            # Attached sessions are entitled to their whole slice; idle ones hold what they use.
+            resident = sum(w.cap if (w.attached or w.attaching) else 0 if w.swapped else w.in_use
+                           for w in same)
             if resident + need <= total:
                 return
             idle = sorted((w for w in same if not (w.attached or w.attaching or w.swapped)),
@@ -275,7 +290,7 @@ class Agent:
     def inventory(self) -> dict:
         with self.lock:
             sessions = [w.describe() for w in self.workers.values()]
-        return {"agent": {"id": self.agent_id, "address": self.address, "device": self.device,
+        return {"agent": {"id": self.agent_id, "address": self.address, "device": self.device, "mps": self.mps,
                           "swap_policy": self.swap_policy, "swaps": self.swap_stats[-20:]},
                 "gpus": gpu_inventory(self.device, self.cpu_memory_gib), "sessions": sessions}
 
@@ -321,8 +336,9 @@ def run_agent(opts) -> None:
                   session_grace=opts.session_grace, swap_policy=opts.swap_policy,
                   namespaces=["aten", "prims", *filter(None, opts.allow_namespace or [])])
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
-    log.info("agent %s listening on %s, device=%s (%s)", agent.agent_id, agent.address, device,
-             ", ".join(g["name"] for g in gpus))
+    log.info("agent %s listening on %s, device=%s (%s)%s", agent.agent_id, agent.address, device,
+             ", ".join(g["name"] for g in gpus),
+             "; NVIDIA MPS daemon found: slices get compute shares" if agent.mps and device == "cuda" else "")
     if not secret:
         log.warning("no lease secret: any client that can reach %s may use this agent "
                     "(fine on loopback or for a single user; set --lease-secret-file with a broker)",

@@ -120,6 +120,10 @@ class RemoteSession:
         if not self.attached:
             self.attach()
         with self._lock:
+            if self.freed:
+                # Frees go in stream order, so memory is reused within a batch as on a GPU.
+                freed, self.freed = self.freed, []
+                self._pending.append(["-", freed])
             self._pending.append([_op_name(func), eargs, ekwargs, ids, len(self._bufs)])
             self.stats["ops"] += 1
             if bufs:
