@@ -151,7 +151,11 @@ def main(argv=None):
         return result
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 if __name__ == "__main__":
