@@ -39,6 +39,9 @@ class Worker:
 
             cpu_kernels.register()
             self.devices = [torch.device("cpu")] * max(1, len(gpus))
+        from . import attention
+
+        attention.register(self.device_kind)
         self.executor = SessionExecutor(self.devices, OpResolver(opts.namespaces.split(",")))
         self.lease_secret = os.environ.pop("ELASTIC_GPU_LEASE_SECRET", "").encode() or None
         self.user = None

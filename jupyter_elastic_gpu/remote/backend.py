@@ -196,8 +196,10 @@ class _NeedsAgent(Exception):
     """Meta inference cannot tell the output: run the op synchronously on the agent."""
 
 
-def _out_spec(res, meta_inputs):
-    """Describe an op's meta result so it can be rebuilt from the cache without re-running."""
+def _out_spec(res, meta_inputs, sizes_ok=False):
+    """Describe an op's meta result so it can be rebuilt from the cache without re-running.
+
+    ``sizes_ok``: int results are sizes, which meta inference knows exactly."""
     if isinstance(res, torch.Tensor):
         for k, m in enumerate(meta_inputs):
             if res is m:
@@ -205,9 +207,9 @@ def _out_spec(res, meta_inputs):
                 return ("a", k, _meta_of(res))
         return ("n", *_meta_of(res))
     if type(res) in (list, tuple):
-        return ("l", type(res), tuple(_out_spec(r, meta_inputs) for r in res))
-    if res is None:
-        return ("v", None)
+        return ("l", type(res), tuple(_out_spec(r, meta_inputs, sizes_ok) for r in res))
+    if res is None or (sizes_ok and type(res) is int):
+        return ("v", res)
     # A non-tensor result (int, bool...) depends on data: only the agent knows it.
     raise _NeedsAgent
 
@@ -245,6 +247,9 @@ def _restride(x, size, stride, offset, dtype, nbytes, sess):
     x._nbytes = nbytes
 
 
+# Ops whose int results are sequence lengths that meta inference computes exactly (their
+# schemas say SymInt); any other int result depends on data and makes the op synchronous.
+_INT_RESULTS_ARE_SIZES = {torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default}
 _meta_cache: dict = {}
 _SYNC = object()  # cache marker: this signature must run on the agent synchronously
 
@@ -294,7 +299,7 @@ def _infer(func, args, kwargs, inputs):
         # either returns the real outputs or raises the real (CUDA's own) error.
         return _SYNC
     try:
-        return _out_spec(res, meta_inputs)
+        return _out_spec(res, meta_inputs, func in _INT_RESULTS_ARE_SIZES)
     except _NeedsAgent:
         return _SYNC
 

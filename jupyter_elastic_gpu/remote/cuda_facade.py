@@ -345,9 +345,10 @@ def install(session) -> None:
     _patch(torch.Tensor, "cuda", _tensor_cuda)
     _patch(torch.amp.autocast_mode.autocast, "__init__", _autocast_init)
     _patch(torch, "load", _load)
-    from . import autocast
+    from . import autocast, sdpa
 
     autocast.register()
+    sdpa.register()
 
 
 def uninstall() -> None:

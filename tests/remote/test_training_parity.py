@@ -198,3 +198,21 @@ def test_dropout_is_seeded_remotely(remote):
     torch.cuda.manual_seed(124)
     c = F.dropout(x, 0.5).cpu()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_attention_ships_as_one_fused_op_each_way(remote):
+    from jupyter_elastic_gpu.remote import session as S
+
+    names = []
+    orig = remote.enqueue
+    remote.enqueue = lambda func, *a: (names.append(S._op_name(func)), orig(func, *a))[1]
+    try:
+        q = torch.randn(2, 4, 16, 32, device="cuda", requires_grad=True)
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        torch.cuda.synchronize()
+    finally:
+        remote.enqueue = orig
+    attn = [n for n in names if "attention" in n]
+    assert attn == ["aten::_scaled_dot_product_fused_attention_overrideable.default",
+                    "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"]
+    assert not any("bmm" in n or "softmax" in n for n in names)
