@@ -117,20 +117,21 @@ class RemoteTensor(torch.Tensor):
 _SCALARS = (int, float, bool, str, type(None))
 
 
-def _encode(v, sig, bufs):
+def _encode(v, sig, bufs, inputs):
     t = type(v)
     if t is RemoteTensor or isinstance(v, RemoteTensor):
         if v._sess is not _session:
             raise RuntimeError("this tensor belongs to an earlier remote GPU session (detached or "
                                "re-attached since), so its data is gone")
         sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
+        inputs.append(v)
         return {"t": v._rid}
     if t in _SCALARS:
         sig.append((t, v))
         return v
     if t is list or t is tuple or t is torch.Size:
         sig.append(len(v))
-        return [_encode(x, sig, bufs) for x in v]
+        return [_encode(x, sig, bufs, inputs) for x in v]
     if t is torch.dtype:
         sig.append(v)
         return {"dt": DTYPE_NAMES[v]}
@@ -178,18 +179,6 @@ def _to_meta(v, metas):
     if type(v) in (list, tuple):
         return type(v)(_to_meta(x, metas) for x in v)
     return v
-
-
-def _flat_remote(v, out):
-    if isinstance(v, RemoteTensor):
-        out.append(v)
-    elif type(v) in (list, tuple):
-        for x in v:
-            _flat_remote(x, out)
-    elif type(v) is dict:
-        for x in v.values():
-            _flat_remote(x, out)
-    return out
 
 
 class _NeedsAgent(Exception):
@@ -266,15 +255,15 @@ def _forward(func, args, kwargs):
     sess = current_session()
     sig = [func]
     bufs = []
-    eargs = _encode(args, sig, bufs)
-    ekwargs = {k: _encode(v, sig, bufs) for k, v in kwargs.items()}
+    inputs = []  # remote tensor arguments in order, for ops that return one of them
+    eargs = _encode(args, sig, bufs, inputs)
+    ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
     sig.append(tuple(kwargs))
     if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
         raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
                            f"devices, cuda:0 and cpu! (in {func})")
     key = tuple(sig)
     spec = _meta_cache.get(key)
-    inputs = _flat_remote((args, kwargs), [])
     if spec is None:
         spec = _infer(func, args, kwargs, inputs)
         if len(_meta_cache) > 100_000:
