@@ -7,6 +7,7 @@ are looked up in this session's own table, so a session can name nothing but its
 
 from __future__ import annotations
 
+import collections
 import re
 
 import torch
@@ -83,6 +84,8 @@ class SessionExecutor:
         self.cap_bytes: int | None = None
         self.slice_cap = 0
         self.cancelled = False  # an interrupt arrived: drop queued work until the next request
+        self.cuda = any(d.type == "cuda" for d in devices)
+        self._inflight: collections.deque = collections.deque()
         self.slice_name = "this slice"
         self._storage_of: dict[int, int] = {}
         self._refs: dict[int, list] = {}
@@ -185,6 +188,8 @@ class SessionExecutor:
                 self.cancelled = True
                 self._fail(outs)
                 continue
+            if self.cuda and i % 32 == 31:
+                self._bound_run_ahead()
             try:
                 self._store(self.run(name, args, kwargs, bufs, base), outs, name)
             except Exception as e:
@@ -192,6 +197,15 @@ class SessionExecutor:
                 if self.error is None:
                     self.error = error_payload(e, deferred=True)
         self.free(free)
+
+    def _bound_run_ahead(self, depth: int = 4) -> None:
+        """Keep at most ``depth`` x 32 ops queued on the GPU ahead of execution, so that an
+        interrupt (or a swap) waits for little more than the op running now."""
+        ev = torch.cuda.Event()
+        ev.record()
+        self._inflight.append(ev)
+        if len(self._inflight) > depth:
+            self._inflight.popleft().synchronize()
 
     def _store(self, result, outs, name=None):
         flat = _flat(result, [])
