@@ -7,6 +7,9 @@ lifecycle of ``hooks`` around every cell.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
+
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
 
@@ -29,6 +32,9 @@ class ElasticGPUKernelApp(IPKernelApp):
 
 
 def main(argv=None) -> None:
+    # `kill -USR1 <kernel pid>` prints every thread's stack to the kernel's stderr (the
+    # server log): where a kernel that hangs on its remote GPU is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     ElasticGPUKernelApp.launch_instance(argv=argv, kernel_class=ElasticGPUKernel)
 
 

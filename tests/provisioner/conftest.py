@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,10 @@ class Kernel:
                 and msg["content"]["execution_state"] == "idle"
             ):
                 return out
+        if until_idle and self.km.provisioner is not None and self.km.provisioner.pid:
+            # Where is it stuck? The kernel prints its threads' stacks on SIGUSR1.
+            os.kill(self.km.provisioner.pid, signal.SIGUSR1)
+            time.sleep(0.5)
         raise TimeoutError(
             f"cell {msg_id} did not finish in {timeout}s; got {[m['msg_type'] for m in out]}"
         )

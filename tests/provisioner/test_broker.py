@@ -111,6 +111,9 @@ def test_interrupt_queue_wait_then_next_cell_works(alice_kernel, broker):
     holder.km.interrupt_kernel()  # its cell (a sleep) ends: the quota frees up
     assert holder.reply(held, timeout=15)["ename"] == "KeyboardInterrupt"
     holder.collect(held)
+    wait_until(
+        lambda: leases_of(broker, holder.id) == [], timeout=10, what="the holder's lease given back"
+    )
     reply, out = waiter.run(
         "y = torch.ones(2, device='cuda')\nprint('ok', y.sum().item())", timeout=60
     )
