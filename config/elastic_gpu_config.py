@@ -9,7 +9,10 @@ from pathlib import Path
 
 c = get_config()  # noqa: F821  (provided by traitlets when it loads this file)
 
-_state = Path(os.environ.get("ELASTIC_GPU_STATE_DIR") or Path(__file__).resolve().parent.parent / ".elastic-gpu-state")
+_state = Path(
+    os.environ.get("ELASTIC_GPU_STATE_DIR")
+    or Path(__file__).resolve().parent.parent / ".elastic-gpu-state"
+)
 
 # The slices offered, and the "Python 3 (GPU: x)" kernelspecs the hub config installs.
 # The demo has one (emulated or real) GPU, so nothing above 1.

@@ -21,7 +21,12 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 HUB_CONFIG = REPO / "config" / "jupyterhub_config.py"
 EXAMPLES = REPO / "examples"
-DEMO_PASSWORDS = {"alice": "alice-demo", "bob": "bob-demo", "carol": "carol-demo", "admin": "admin-demo"}
+DEMO_PASSWORDS = {
+    "alice": "alice-demo",
+    "bob": "bob-demo",
+    "carol": "carol-demo",
+    "admin": "admin-demo",
+}
 
 
 def free_port() -> int:
@@ -253,7 +258,11 @@ class WebsocketKernel:
                 end = time.monotonic() + 5
                 while time.monotonic() < end:
                     msg = self._recv(end)
-                    if msg and msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "kernel_info_reply":
+                    if (
+                        msg
+                        and msg["parent_header"].get("msg_id") == msg_id
+                        and msg["msg_type"] == "kernel_info_reply"
+                    ):
                         return msg["content"]
             except TimeoutError:
                 pass
@@ -296,20 +305,29 @@ class WebsocketKernel:
             elif kind == "status" and content.get("execution_state") == "idle":
                 idle = True
             elif kind == "stream":
-                outputs.append(nbformat.v4.new_output("stream", name=content["name"], text=content["text"]))
+                outputs.append(
+                    nbformat.v4.new_output("stream", name=content["name"], text=content["text"])
+                )
             elif kind in ("execute_result", "display_data"):
                 outputs.append(
                     nbformat.v4.new_output(
                         kind,
                         data=content.get("data", {}),
                         metadata=content.get("metadata", {}),
-                        **({"execution_count": content.get("execution_count")} if kind == "execute_result" else {}),
+                        **(
+                            {"execution_count": content.get("execution_count")}
+                            if kind == "execute_result"
+                            else {}
+                        ),
                     )
                 )
             elif kind == "error":
                 outputs.append(
                     nbformat.v4.new_output(
-                        "error", ename=content["ename"], evalue=content["evalue"], traceback=content["traceback"]
+                        "error",
+                        ename=content["ename"],
+                        evalue=content["evalue"],
+                        traceback=content["traceback"],
                     )
                 )
         return reply, outputs
@@ -324,7 +342,9 @@ class WebsocketKernel:
             cell.outputs = outputs
             cell.execution_count = reply.get("execution_count")
             if reply.get("status") != "ok":
-                tb = "\n".join(o.get("traceback", [""])[-1] for o in outputs if o.output_type == "error")
+                tb = "\n".join(
+                    o.get("traceback", [""])[-1] for o in outputs if o.output_type == "error"
+                )
                 raise AssertionError(
                     f"{path.name} cell {i} failed: {reply.get('ename')}: {reply.get('evalue')}\n{tb}"
                 )

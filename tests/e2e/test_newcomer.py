@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     if not shutil.which("configurable-http-proxy"):
-        pytest.skip("configurable-http-proxy not installed (npm install -g configurable-http-proxy)")
+        pytest.skip(
+            "configurable-http-proxy not installed (npm install -g configurable-http-proxy)"
+        )
     h = DemoHub(tmp_path_factory.mktemp("newcomer"))
     try:
         # the local agent registers with the broker on its own
@@ -154,7 +156,9 @@ def test_alice_runs_the_examples_on_a_half_gpu(hub):
             30,
             "the lease to be given back after the training notebook",
         )
-        assert hub.broker("GET", "usage", "admin").json()["users"]["alice"] > usage["users"]["alice"]
+        assert (
+            hub.broker("GET", "usage", "admin").json()["users"]["alice"] > usage["users"]["alice"]
+        )
     finally:
         k.close()
         hub.server("DELETE", "alice", f"api/kernels/{kernel_id}")
