@@ -47,6 +47,18 @@ def describe_wait(lease: dict) -> str:
     )
 
 
+def notebook_name(env=os.environ) -> str | None:
+    """The kernel's notebook as its user knows it: jupyter_server passes the absolute path in
+    JPY_SESSION_NAME; under the home directory (a Hub server's root) it is shown relative."""
+    path = env.get("JPY_SESSION_NAME")
+    if not path:
+        return None
+    home = os.path.expanduser("~")
+    if os.path.isabs(path) and home not in ("", "/") and path.startswith(home.rstrip("/") + "/"):
+        return os.path.relpath(path, home)
+    return path
+
+
 class WaitDisplay:
     """One live, updated display per cell while its lease request is queued."""
 
@@ -125,8 +137,7 @@ class GPUCellHooks:
             if hasattr(lp, "on_wait"):  # a BrokerLease
                 lp.on_wait = self.wait_display.on_wait
                 lp.kernel_name = self.env.get("ELASTIC_GPU_KERNEL_NAME") or lp.kernel_name
-                # jupyter_server names the notebook of a kernel in JPY_SESSION_NAME.
-                lp.notebook = self.env.get("JPY_SESSION_NAME") or lp.notebook
+                lp.notebook = notebook_name(self.env) or lp.notebook
             session.on_attach.append(self.wait_display.on_attach)
             self.session = session
         except BaseException as e:
