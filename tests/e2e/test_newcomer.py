@@ -9,7 +9,10 @@ and that the demo users' quotas differ, in the broker's API and in the kernel pi
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -162,6 +165,41 @@ def test_alice_runs_the_examples_on_a_half_gpu(hub):
     finally:
         k.close()
         hub.server("DELETE", "alice", f"api/kernels/{kernel_id}")
+
+
+def test_run_a_script_through_the_hub(hub, tmp_path):
+    """README: ``jupyter-elastic-gpu run --gpu F --broker <hub>/services/elastic-gpu/api/``
+    with one's own Hub token, through the proxy, quotas applied."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "x = torch.randn(16, 16, device='cuda')\n"
+        "print('result', (x @ x.T).trace().item() > 0, torch.cuda.get_device_properties(0).total_memory)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_GPU_")}
+    env["JUPYTERHUB_API_TOKEN"] = hub.token("carol")
+    api = f"{hub.url}/services/elastic-gpu/api/"
+
+    def run(fraction):
+        return subprocess.run(
+            [sys.executable, "-m", "jupyter_elastic_gpu", "run", "--gpu", fraction,
+             "--broker", api, "--", "python", str(script)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    ok = run("0.25")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "result True" in ok.stdout
+    # carol's limit is 0.25: half a GPU is refused with a message that says so
+    refused = run("0.5")
+    assert refused.returncode != 0
+    assert "limit" in refused.stderr.lower(), refused.stderr[-2000:]
+    hub.wait(
+        lambda: hub.broker("GET", "leases", "carol").json()["leases"] == [],
+        30,
+        "carol's lease to end when her script exits",
+    )
+    assert hub.broker("GET", "usage", "admin").json()["users"].get("carol", 0) > 0
 
 
 def test_second_user_sees_a_different_quota(hub):
