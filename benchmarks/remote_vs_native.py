@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-WORKLOADS = r'''
+WORKLOADS = r"""
 import json, sys, time, torch
 import torch.nn as nn, torch.nn.functional as F
 mode, name, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -88,7 +88,7 @@ elif name == "matmul":
 if mode == "remote":
     res["ops_sent"] = sess.stats["ops"]; res["batches_sent"] = sess.stats["batches"]
 print("RESULT " + json.dumps(res))
-'''
+"""
 
 
 def free_port():
@@ -101,8 +101,13 @@ def run(mode, name, quick, address, device):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if mode == "remote":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the client is a CPU node
-    p = subprocess.run([sys.executable, "-c", WORKLOADS, mode, name, "1" if quick else "0", address],
-                       env=env, capture_output=True, text=True, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, "-c", WORKLOADS, mode, name, "1" if quick else "0", address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{mode} {name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
@@ -118,8 +123,19 @@ def main(argv=None):
     opts = ap.parse_args(argv)
     port = free_port()
     address = f"127.0.0.1:{port}"
-    agent = subprocess.Popen([sys.executable, "-m", "jupyter_elastic_gpu", "agent", "--device", opts.device,
-                              "--listen", address], stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_elastic_gpu",
+            "agent",
+            "--device",
+            opts.device,
+            "--listen",
+            address,
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(300):
             try:
@@ -131,15 +147,22 @@ def main(argv=None):
         for name in opts.workloads.split(","):
             native = run("native", name, opts.quick, address, opts.device)
             remote = run("remote", name, opts.quick, address, opts.device)
-            results[name] = {"native": native, "remote": remote,
-                             "ratio_remote_over_native": remote["throughput"] / native["throughput"]}
+            results[name] = {
+                "native": native,
+                "remote": remote,
+                "ratio_remote_over_native": remote["throughput"] / native["throughput"],
+            }
             extra = ""
             if name == "small_ops":
-                extra = (f"  client {remote['client_us_per_op']:.1f} us/op issued, "
-                         f"{remote['us_per_op']:.1f} us/op end to end (native {native['us_per_op']:.1f})")
-            print(f"{name:18s} native {native['throughput']:.4g} {native['unit']}, remote "
-                  f"{remote['throughput']:.4g}: ratio {results[name]['ratio_remote_over_native']:.3f}{extra}",
-                  flush=True)
+                extra = (
+                    f"  client {remote['client_us_per_op']:.1f} us/op issued, "
+                    f"{remote['us_per_op']:.1f} us/op end to end (native {native['us_per_op']:.1f})"
+                )
+            print(
+                f"{name:18s} native {native['throughput']:.4g} {native['unit']}, remote "
+                f"{remote['throughput']:.4g}: ratio {results[name]['ratio_remote_over_native']:.3f}{extra}",
+                flush=True,
+            )
     finally:
         agent.terminate()
         agent.wait()

@@ -57,8 +57,13 @@ CLIENT = textwrap.dedent("""
 class Client:
     def __init__(self, address, fraction, gib, reps=50):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-        self.p = subprocess.Popen([sys.executable, "-c", CLIENT, address, str(fraction), str(gib), str(reps)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, address, str(fraction), str(gib), str(reps)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self.p.stdout.readline().strip() == "ready"
 
     def do(self, cmd):
@@ -83,7 +88,10 @@ def pcie_bandwidth():
     h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     d = torch.empty(n, dtype=torch.uint8, device="cuda")
     out = {}
-    for name, fn in (("h2d", lambda: d.copy_(h, non_blocking=True)), ("d2h", lambda: h.copy_(d, non_blocking=True))):
+    for name, fn in (
+        ("h2d", lambda: d.copy_(h, non_blocking=True)),
+        ("d2h", lambda: h.copy_(d, non_blocking=True)),
+    ):
         fn()
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -115,8 +123,20 @@ def main(argv=None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    agent = subprocess.Popen([sys.executable, "-m", "jupyter_elastic_gpu", "agent", "--device", opts.device,
-                              "--listen", address, "--cpu-memory-gib", opts.cpu_memory_gib])
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_elastic_gpu",
+            "agent",
+            "--device",
+            opts.device,
+            "--listen",
+            address,
+            "--cpu-memory-gib",
+            opts.cpu_memory_gib,
+        ]
+    )
     results = {"pcie": pcie_bandwidth(), "swap": [], "concurrent": None}
     print("PCIe (pinned, same GPU):", results["pcie"], flush=True)
     try:
@@ -136,9 +156,15 @@ def main(argv=None):
             touched = a.do("touch")
             inn = wait_swaps(address, n0 + 2)[-1]
             a.quit()
-            row = {"gib": gib, "out_s": out["seconds"], "in_s": inn["seconds"],
-                   "out_GBps": out["bytes"] / out["seconds"] / 1e9, "in_GBps": inn["bytes"] / inn["seconds"] / 1e9,
-                   "first_op_after_swap_s": float(touched[2]), "values_ok": touched[1] == "True"}
+            row = {
+                "gib": gib,
+                "out_s": out["seconds"],
+                "in_s": inn["seconds"],
+                "out_GBps": out["bytes"] / out["seconds"] / 1e9,
+                "in_GBps": inn["bytes"] / inn["seconds"] / 1e9,
+                "first_op_after_swap_s": float(touched[2]),
+                "values_ok": touched[1] == "True",
+            }
             if results["pcie"]:
                 row["out_vs_pcie_d2h"] = row["out_GBps"] / results["pcie"]["d2h_GBps"]
                 row["in_vs_pcie_h2d"] = row["in_GBps"] / results["pcie"]["h2d_GBps"]
@@ -155,8 +181,12 @@ def main(argv=None):
         n0 = len(query_inventory(address)["agent"]["swaps"])
         c = Client(address, 0.5, 0.05 * total)
         swapped = [s for s in query_inventory(address)["sessions"] if s["swapped"]]
-        results["concurrent"] = {"a_work_s": ta, "b_work_s": tb, "third_forced_swaps": len(
-            query_inventory(address)["agent"]["swaps"]) - n0, "swapped_sessions": len(swapped)}
+        results["concurrent"] = {
+            "a_work_s": ta,
+            "b_work_s": tb,
+            "third_forced_swaps": len(query_inventory(address)["agent"]["swaps"]) - n0,
+            "swapped_sessions": len(swapped),
+        }
         print("concurrent:", results["concurrent"], flush=True)
         for cl in (a, b, c):
             cl.quit()

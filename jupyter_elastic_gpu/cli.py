@@ -9,50 +9,92 @@ import sys
 
 
 def _agent(argv):
-    p = argparse.ArgumentParser(prog="jupyter-elastic-gpu agent",
-                                description="Serve GPU slices to remote kernels on this node.")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="execute on CUDA GPUs, or on the CPU (laptops, CI, Binder); auto picks CUDA if present")
+    p = argparse.ArgumentParser(
+        prog="jupyter-elastic-gpu agent",
+        description="Serve GPU slices to remote kernels on this node.",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="execute on CUDA GPUs, or on the CPU (laptops, CI, Binder); auto picks CUDA if present",
+    )
     p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT for the data plane")
     p.add_argument("--agent-id", default=None, help="stable id of this agent in the broker's pool")
-    p.add_argument("--broker-url", default=os.environ.get("ELASTIC_GPU_BROKER_URL"),
-                   help="register with this broker API URL and heartbeat to it")
-    p.add_argument("--agent-token", default=None, help="token for registering with the broker "
-                   "(default: $ELASTIC_GPU_AGENT_TOKEN)")
-    p.add_argument("--advertise", default=None, help="HOST:PORT clients should use, if not --listen")
+    p.add_argument(
+        "--broker-url",
+        default=os.environ.get("ELASTIC_GPU_BROKER_URL"),
+        help="register with this broker API URL and heartbeat to it",
+    )
+    p.add_argument(
+        "--agent-token",
+        default=None,
+        help="token for registering with the broker (default: $ELASTIC_GPU_AGENT_TOKEN)",
+    )
+    p.add_argument(
+        "--advertise", default=None, help="HOST:PORT clients should use, if not --listen"
+    )
     p.add_argument("--lease-secret", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--lease-secret-file", default=None,
-                   help="file with the broker's lease-signing secret; without one the agent is open to anyone")
-    p.add_argument("--cpu-memory-gib", type=float, default=16.0,
-                   help="in --device cpu mode, the memory of the emulated GPU that slices are cut from")
-    p.add_argument("--session-grace", type=float, default=60.0,
-                   help="seconds a session whose client vanished is kept before it is freed")
-    p.add_argument("--swap-policy", choices=["pressure", "always", "never"], default="pressure",
-                   help="when to move idle sessions' tensors to host memory: when another session needs "
-                   "the GPU memory (default), at every detach, or never")
-    p.add_argument("--allow-namespace", action="append",
-                   help="also allow ops of this torch.ops namespace (aten and prims always are)")
+    p.add_argument(
+        "--lease-secret-file",
+        default=None,
+        help="file with the broker's lease-signing secret; without one the agent is open to anyone",
+    )
+    p.add_argument(
+        "--cpu-memory-gib",
+        type=float,
+        default=16.0,
+        help="in --device cpu mode, the memory of the emulated GPU that slices are cut from",
+    )
+    p.add_argument(
+        "--session-grace",
+        type=float,
+        default=60.0,
+        help="seconds a session whose client vanished is kept before it is freed",
+    )
+    p.add_argument(
+        "--swap-policy",
+        choices=["pressure", "always", "never"],
+        default="pressure",
+        help="when to move idle sessions' tensors to host memory: when another session needs "
+        "the GPU memory (default), at every detach, or never",
+    )
+    p.add_argument(
+        "--allow-namespace",
+        action="append",
+        help="also allow ops of this torch.ops namespace (aten and prims always are)",
+    )
     from .agent.server import run_agent
 
     run_agent(p.parse_args(argv))
 
 
 def _run(argv):
-    p = argparse.ArgumentParser(prog="jupyter-elastic-gpu run",
-                                description="Run a Python program with a remote GPU as 'cuda'.")
-    p.add_argument("--gpu", type=float, default=1.0, help="GPU fraction to lease (0.25, 0.5, 1, 2...)")
+    p = argparse.ArgumentParser(
+        prog="jupyter-elastic-gpu run",
+        description="Run a Python program with a remote GPU as 'cuda'.",
+    )
+    p.add_argument(
+        "--gpu", type=float, default=1.0, help="GPU fraction to lease (0.25, 0.5, 1, 2...)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--agent", help="HOST:PORT of an agent to use directly (no broker)")
     g.add_argument("--broker", help="broker API URL; the lease is taken with $JUPYTERHUB_API_TOKEN")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- python script.py [args] (or -- script.py)")
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- python script.py [args] (or -- script.py)"
+    )
     opts = p.parse_args(argv)
     cmd = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
     if cmd[:1] and os.path.basename(cmd[0]).startswith("python"):
         cmd = cmd[1:]
     if not cmd:
         p.error("nothing to run: give -- python SCRIPT.py [ARGS]")
-    if not (opts.agent or opts.broker or os.environ.get("ELASTIC_GPU_AGENT")
-            or os.environ.get("ELASTIC_GPU_BROKER_URL")):
+    if not (
+        opts.agent
+        or opts.broker
+        or os.environ.get("ELASTIC_GPU_AGENT")
+        or os.environ.get("ELASTIC_GPU_BROKER_URL")
+    ):
         p.error("give --agent HOST:PORT or --broker URL")
     from . import remote
 
@@ -86,12 +128,14 @@ COMMANDS = {"agent": _agent, "run": _run, "broker": _broker, "kernelspecs": _ker
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print("usage: jupyter-elastic-gpu {agent,broker,kernelspecs,run} ...\n\n"
-              "  agent        serve GPU slices on this node (--device cuda|cpu)\n"
-              "  broker       the quota/lease service (normally started by JupyterHub)\n"
-              "  kernelspecs  install 'Python 3 (GPU: 0.5)' kernelspecs\n"
-              "  run          run a Python program with a remote GPU: run --gpu 0.5 --agent H:P -- python x.py",
-              file=sys.stderr)
+        print(
+            "usage: jupyter-elastic-gpu {agent,broker,kernelspecs,run} ...\n\n"
+            "  agent        serve GPU slices on this node (--device cuda|cpu)\n"
+            "  broker       the quota/lease service (normally started by JupyterHub)\n"
+            "  kernelspecs  install 'Python 3 (GPU: 0.5)' kernelspecs\n"
+            "  run          run a Python program with a remote GPU: run --gpu 0.5 --agent H:P -- python x.py",
+            file=sys.stderr,
+        )
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
     COMMANDS[argv[0]](argv[1:])
     return 0

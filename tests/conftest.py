@@ -43,9 +43,19 @@ class AgentProcess:
         agent_env = dict(os.environ, **(env or {}))
         agent_env.pop("CUDA_VISIBLE_DEVICES", None) if device == "cuda" else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_elastic_gpu", "agent", "--device", device,
-             "--listen", self.address, *extra],
-            env=agent_env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "jupyter_elastic_gpu",
+                "agent",
+                "--device",
+                device,
+                "--listen",
+                self.address,
+                *extra,
+            ],
+            env=agent_env,
+            start_new_session=True,
         )
         wait_for_port(self.port, self.proc)
 
@@ -119,7 +129,9 @@ def own_session():
 def pytest_collection_modifyitems(config, items):
     if AGENT_DEVICE == "cuda":
         return
-    skip = pytest.mark.skip(reason="needs a CUDA agent: set ELASTIC_GPU_TEST_DEVICE=cuda on a GPU machine")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA agent: set ELASTIC_GPU_TEST_DEVICE=cuda on a GPU machine"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -14,48 +14,132 @@ _lib = None
 
 
 def _flash(q, bias):
-    return (bias is None or bias.numel() == 0) and q.dtype in (torch.float16, torch.bfloat16) \
-        and q.size(-1) <= 256 and q.size(-1) % 8 == 0
+    return (
+        (bias is None or bias.numel() == 0)
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.size(-1) <= 256
+        and q.size(-1) % 8 == 0
+    )
 
 
 def _none_if_empty(bias):
     return None if bias is None or bias.numel() == 0 else bias
 
 
-def cuda_forward(q, k, v, attn_bias=None, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+def cuda_forward(
+    q, k, v, attn_bias=None, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None
+):
     if _flash(q, attn_bias):
         out, lse, _, _, mq, mk, rng, unused, _ = aten._scaled_dot_product_flash_attention(
-            q, k, v, dropout_p, is_causal, False, scale=scale)
+            q, k, v, dropout_p, is_causal, False, scale=scale
+        )
         return out, lse, None, None, mq, mk, rng, unused, None
     out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
-        q, k, v, attn_bias, True, dropout_p, is_causal, scale=scale)
+        q, k, v, attn_bias, True, dropout_p, is_causal, scale=scale
+    )
     return out, lse, None, None, q.size(2), k.size(2), seed, offset, None
 
 
-def cuda_backward(grad_out, q, k, v, attn_bias, grad_input_mask, out, lse, cum_q, cum_k, max_q, max_k,
-                  dropout_p, is_causal, seed, offset, *, scale=None):
+def cuda_backward(
+    grad_out,
+    q,
+    k,
+    v,
+    attn_bias,
+    grad_input_mask,
+    out,
+    lse,
+    cum_q,
+    cum_k,
+    max_q,
+    max_k,
+    dropout_p,
+    is_causal,
+    seed,
+    offset,
+    *,
+    scale=None,
+):
     bias = _none_if_empty(attn_bias)
     if _flash(q, bias):
         gq, gk, gv = aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, seed, offset,
-            scale=scale)
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            dropout_p,
+            is_causal,
+            seed,
+            offset,
+            scale=scale,
+        )
         return gq, gk, gv, q.new_empty(0)
     gq, gk, gv, gb = aten._scaled_dot_product_efficient_attention_backward(
-        grad_out, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask, is_causal, scale=scale)
+        grad_out,
+        q,
+        k,
+        v,
+        bias,
+        out,
+        lse,
+        seed,
+        offset,
+        dropout_p,
+        grad_input_mask,
+        is_causal,
+        scale=scale,
+    )
     return gq, gk, gv, gb if gb is not None else q.new_empty(0)
 
 
-def cpu_forward(q, k, v, attn_bias=None, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+def cpu_forward(
+    q, k, v, attn_bias=None, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None
+):
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, dropout_p, is_causal, attn_mask=attn_bias, scale=scale)
+        q, k, v, dropout_p, is_causal, attn_mask=attn_bias, scale=scale
+    )
     empty = q.new_empty(0)
     return out, lse, None, None, q.size(2), k.size(2), empty, empty, None
 
 
-def cpu_backward(grad_out, q, k, v, attn_bias, grad_input_mask, out, lse, cum_q, cum_k, max_q, max_k,
-                 dropout_p, is_causal, seed, offset, *, scale=None):
+def cpu_backward(
+    grad_out,
+    q,
+    k,
+    v,
+    attn_bias,
+    grad_input_mask,
+    out,
+    lse,
+    cum_q,
+    cum_k,
+    max_q,
+    max_k,
+    dropout_p,
+    is_causal,
+    seed,
+    offset,
+    *,
+    scale=None,
+):
     gq, gk, gv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, k, v, out, lse, dropout_p, is_causal, attn_mask=_none_if_empty(attn_bias), scale=scale)
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dropout_p,
+        is_causal,
+        attn_mask=_none_if_empty(attn_bias),
+        scale=scale,
+    )
     return gq, gk, gv, q.new_empty(0)
 
 

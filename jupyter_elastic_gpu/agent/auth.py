@@ -9,8 +9,9 @@ class HelloRejected(Exception):
     pass
 
 
-def check_hello(hello: dict, lease_secret: bytes | None, agent_id: str, session: str,
-                owner: str | None) -> dict:
+def check_hello(
+    hello: dict, lease_secret: bytes | None, agent_id: str, session: str, owner: str | None
+) -> dict:
     """Validate a client's hello; return the lease claims (empty in open mode)."""
     if not isinstance(hello, dict) or hello.get("session") != session:
         raise HelloRejected("hello does not name this session")
@@ -25,10 +26,12 @@ def check_hello(hello: dict, lease_secret: bytes | None, agent_id: str, session:
         claims = verify(token, lease_secret)
     except LeaseTokenError as e:
         raise HelloRejected(f"lease token rejected: {e}") from None
-    if not hmac.compare_digest(str(claims.get("session")), session):
+    if not hmac.compare_digest(str(claims.get("session")).encode(), session.encode()):
         raise HelloRejected("lease token was issued for another session")
     if claims.get("agent") != agent_id:
-        raise HelloRejected(f"lease token was issued for agent {claims.get('agent')!r}, not {agent_id!r}")
+        raise HelloRejected(
+            f"lease token was issued for agent {claims.get('agent')!r}, not {agent_id!r}"
+        )
     if owner is not None and claims.get("user") != owner:
         raise HelloRejected("this session belongs to another user")
     return claims

@@ -31,8 +31,9 @@ def _fused_lstm_cell_backward_impl(grad_hy, grad_cy, cx, cy, workspace, has_bias
     if grad_hy is not None:
         gcy = gcy + grad_hy * o * (1 - tanh_cy * tanh_cy)
         go = grad_hy * tanh_cy
-    grad_gates = torch.cat([gcy * g * i * (1 - i), gcy * cx * f * (1 - f), gcy * i * (1 - g * g),
-                            go * o * (1 - o)], 1)
+    grad_gates = torch.cat(
+        [gcy * g * i * (1 - i), gcy * cx * f * (1 - f), gcy * i * (1 - g * g), go * o * (1 - o)], 1
+    )
     grad_bias = grad_gates.sum(0) if has_bias else None
     return grad_gates, gcy * f, grad_bias
 

@@ -13,18 +13,45 @@ import re
 import torch
 
 from ..remote.wire import (
-    DTYPE_NAMES, DTYPES, LAYOUTS, MEMORY_FORMATS, ProtocolError, tensor_from_buffer,
+    DTYPE_NAMES,
+    DTYPES,
+    LAYOUTS,
+    MEMORY_FORMATS,
+    ProtocolError,
+    tensor_from_buffer,
 )
 
 DEFAULT_NAMESPACES = frozenset({"aten", "prims"})
 # Ops that reach outside the session's tensors (files, process state) are never run.
-DENIED_OPS = frozenset({
-    "aten::from_file", "aten::set_", "aten::_set_grad_enabled",
-})
-_FACTORIES = frozenset(f"aten::{n}" for n in (
-    "empty", "empty_strided", "zeros", "ones", "full", "rand", "randn", "randint", "new_empty",
-    "new_empty_strided", "new_zeros", "new_ones", "new_full", "empty_permuted"))
-_NAME = re.compile(r"^([a-z][a-z0-9_]{0,63})::([a-z_][a-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
+DENIED_OPS = frozenset(
+    {
+        "aten::from_file",
+        "aten::set_",
+        "aten::_set_grad_enabled",
+    }
+)
+_FACTORIES = frozenset(
+    f"aten::{n}"
+    for n in (
+        "empty",
+        "empty_strided",
+        "zeros",
+        "ones",
+        "full",
+        "rand",
+        "randn",
+        "randint",
+        "new_empty",
+        "new_empty_strided",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "empty_permuted",
+    )
+)
+_NAME = re.compile(
+    r"^([a-z][a-z0-9_]{0,63})::([a-z_][a-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,63})$"
+)
 
 
 class OpError(Exception):
@@ -56,7 +83,9 @@ class OpResolver:
             raise PermissionError(f"malformed op name {name!r}: expected 'namespace::op.overload'")
         ns, base, overload = m.groups()
         if ns not in self.namespaces:
-            raise PermissionError(f"op {name!r} is outside the allowed namespaces {sorted(self.namespaces)}")
+            raise PermissionError(
+                f"op {name!r} is outside the allowed namespaces {sorted(self.namespaces)}"
+            )
         if f"{ns}::{base}" in DENIED_OPS or base.startswith("__") or overload.startswith("__"):
             raise PermissionError(f"op {name!r} is not allowed on this agent")
         packet = getattr(getattr(torch.ops, ns), base, None)
@@ -97,10 +126,14 @@ class SessionExecutor:
         t = self.tensors.get(rid) if type(rid) is int else None
         if t is None:
             if rid in self.failed:
-                raise RuntimeError(f"tensor {rid} was never produced: an earlier op failed or was "
-                                   "cancelled by an interrupt")
-            raise ProtocolError(f"unknown tensor id {rid!r} in this session (freed, or lost with an "
-                                "earlier GPU context of this session)")
+                raise RuntimeError(
+                    f"tensor {rid} was never produced: an earlier op failed or was "
+                    "cancelled by an interrupt"
+                )
+            raise ProtocolError(
+                f"unknown tensor id {rid!r} in this session (freed, or lost with an "
+                "earlier GPU context of this session)"
+            )
         return t
 
     def decode(self, v, bufs, base=0):
@@ -123,7 +156,9 @@ class SessionExecutor:
                 return torch.device("cpu")
             i = v.get("i", 0)
             if type(i) is not int or not 0 <= i < len(self.devices):
-                raise ProtocolError(f"device index {i!r} is outside this session's {len(self.devices)} GPU(s)")
+                raise ProtocolError(
+                    f"device index {i!r} is outside this session's {len(self.devices)} GPU(s)"
+                )
             return self.devices[i]
         if "cpu" in v:
             k = v["cpu"]
@@ -182,7 +217,9 @@ class SessionExecutor:
                 self.free(rec[1])  # tensors the client dropped, in stream order
                 continue
             if not isinstance(rec, list) or len(rec) != 5:
-                raise ProtocolError("each op must be [name, args, kwargs, out_ids, buffer_base] or ['-', ids]")
+                raise ProtocolError(
+                    "each op must be [name, args, kwargs, out_ids, buffer_base] or ['-', ids]"
+                )
             name, args, kwargs, outs, base = rec
             if self.cancelled or (i % 8 == 0 and interrupted()):
                 self.cancelled = True
@@ -212,7 +249,7 @@ class SessionExecutor:
         if not isinstance(outs, list) or len(outs) != len(flat):
             raise ProtocolError(f"op produced {len(flat)} tensors but {outs!r} ids were given")
         new = []
-        for rid, t in zip(outs, flat):
+        for rid, t in zip(outs, flat, strict=True):
             if rid:  # 0: the op wrote into one of its inputs, which already has an id
                 if type(rid) is not int or rid <= 0:
                     raise ProtocolError(f"bad output id {rid!r}")
@@ -228,9 +265,11 @@ class SessionExecutor:
     def oom_message(self, wanted: int) -> str:
         gib = 1 << 30
         cap = self.cap_bytes if self.cap_bytes is not None else self.slice_cap
-        return (f"CUDA out of memory on the {self.slice_name} slice: {cap / gib:.2f} GiB cap, "
-                f"{self.in_use / gib:.2f} GiB in use, this op needed {wanted / gib:.2f} GiB in all. "
-                "Free tensors (del, torch.cuda.empty_cache()) or ask for a larger GPU fraction.")
+        return (
+            f"CUDA out of memory on the {self.slice_name} slice: {cap / gib:.2f} GiB cap, "
+            f"{self.in_use / gib:.2f} GiB in use, this op needed {wanted / gib:.2f} GiB in all. "
+            "Free tensors (del, torch.cuda.empty_cache()) or ask for a larger GPU fraction."
+        )
 
     def _account(self, rid, t):
         s = t.untyped_storage()
@@ -279,9 +318,14 @@ class SessionExecutor:
             self._next_agent_id -= 1
             self.tensors[self._next_agent_id] = v
             self._account(self._next_agent_id, v)
-            return {"r": self._next_agent_id, "size": list(v.shape), "stride": list(v.stride()),
-                    "offset": v.storage_offset(), "dtype": DTYPE_NAMES[v.dtype],
-                    "nbytes": v.untyped_storage().nbytes()}
+            return {
+                "r": self._next_agent_id,
+                "size": list(v.shape),
+                "stride": list(v.stride()),
+                "offset": v.storage_offset(),
+                "dtype": DTYPE_NAMES[v.dtype],
+                "nbytes": v.untyped_storage().nbytes(),
+            }
         if isinstance(v, tuple):
             return {"tuple": [self._describe(x, inputs) for x in v]}
         if isinstance(v, list):
@@ -296,7 +340,11 @@ class SessionExecutor:
         t = self.tensor(rid).detach().resolve_conj().resolve_neg()
         # A fresh dense copy: expanded (stride 0) or sliced tensors cannot be viewed as bytes.
         data = torch.empty(t.shape, dtype=t.dtype).copy_(t)
-        raw = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
+        raw = (
+            data.reshape(-1).view(torch.uint8)
+            if data.numel()
+            else torch.empty(0, dtype=torch.uint8)
+        )
         return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, raw.numpy()
 
     def bytes_in_use(self) -> int:
@@ -314,9 +362,13 @@ class SessionExecutor:
             s = t.untyped_storage()
             if s.data_ptr() not in copies:
                 if device.type == "cpu":
-                    dst = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+                    dst = torch.empty(
+                        s.nbytes(), dtype=torch.uint8, pin_memory=pin
+                    ).untyped_storage()
                 else:
-                    dst = torch.empty(s.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
+                    dst = torch.empty(
+                        s.nbytes(), dtype=torch.uint8, device=device
+                    ).untyped_storage()
                 dst.copy_(s, non_blocking=pin or device.type != "cpu")
                 copies[s.data_ptr()] = dst
         if any(d.type == "cuda" for d in self.devices):
@@ -324,7 +376,8 @@ class SessionExecutor:
         for rid, t in list(self.tensors.items()):
             dst = copies[t.untyped_storage().data_ptr()]
             self.tensors[rid] = torch.empty(0, dtype=t.dtype, device=device).set_(
-                dst, t.storage_offset(), t.size(), t.stride())
+                dst, t.storage_offset(), t.size(), t.stride()
+            )
         self._storage_of.clear()
         self._refs.clear()
         self.in_use = 0

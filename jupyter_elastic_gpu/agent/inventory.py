@@ -31,12 +31,17 @@ def _nvml_gpus() -> list[dict]:
                 mig = False
             name = pynvml.nvmlDeviceGetName(h)
             uuid = pynvml.nvmlDeviceGetUUID(h)
-            gpus.append({
-                "index": i, "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "memory_total": int(mem.total), "memory_used": int(mem.used),
-                "utilization": util, "mig": mig,
-            })
+            gpus.append(
+                {
+                    "index": i,
+                    "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "memory_total": int(mem.total),
+                    "memory_used": int(mem.used),
+                    "utilization": util,
+                    "mig": mig,
+                }
+            )
     finally:
         pynvml.nvmlShutdown()
     return gpus
@@ -45,5 +50,14 @@ def _nvml_gpus() -> list[dict]:
 def gpu_inventory(device: str, cpu_memory_gib: float) -> list[dict]:
     if device == "cuda":
         return _nvml_gpus()
-    return [{"index": 0, "uuid": f"CPU-{os.uname().nodename}", "name": "CPU (no GPU: agent in CPU mode)",
-             "memory_total": int(cpu_memory_gib * GiB), "memory_used": 0, "utilization": None, "mig": False}]
+    return [
+        {
+            "index": 0,
+            "uuid": f"CPU-{os.uname().nodename}",
+            "name": "CPU (no GPU: agent in CPU mode)",
+            "memory_total": int(cpu_memory_gib * GiB),
+            "memory_used": 0,
+            "utilization": None,
+            "mig": False,
+        }
+    ]

@@ -23,8 +23,9 @@ class BrokerRegistration:
 
     def _register(self) -> None:
         gpus, sessions = self._report()
-        reply = self.client.register_agent(self.agent.agent_id, self.advertise, gpus,
-                                           device=self.agent.device, sessions=sessions)
+        reply = self.client.register_agent(
+            self.agent.agent_id, self.advertise, gpus, device=self.agent.device, sessions=sessions
+        )
         self.interval = float(reply.get("heartbeat_interval", self.interval))
         log.info("registered with the broker as %s (%s)", self.agent.agent_id, self.advertise)
 

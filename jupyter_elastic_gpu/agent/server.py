@@ -58,11 +58,28 @@ class SessionWorker:
         if agent.device == "cuda" and agent.mps and fraction < 1:
             # Under MPS a client's compute share is fixed when its context is created.
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, int(fraction * 100)))
-        cmd = [sys.executable, "-m", "jupyter_elastic_gpu.agent.worker",
-               "--control-fd", str(child.fileno()), "--session", session, "--agent-id", agent.agent_id,
-               "--device", agent.device, "--gpus", ",".join(map(str, gpus)),
-               "--cpu-memory-gib", str(agent.cpu_memory_gib), "--namespaces", ",".join(agent.namespaces)]
-        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "jupyter_elastic_gpu.agent.worker",
+            "--control-fd",
+            str(child.fileno()),
+            "--session",
+            session,
+            "--agent-id",
+            agent.agent_id,
+            "--device",
+            agent.device,
+            "--gpus",
+            ",".join(map(str, gpus)),
+            "--cpu-memory-gib",
+            str(agent.cpu_memory_gib),
+            "--namespaces",
+            ",".join(agent.namespaces),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, pass_fds=[child.fileno()], env=env, start_new_session=True
+        )
         child.close()
         threading.Thread(target=self._events, daemon=True, name=f"worker-{session}").start()
 
@@ -84,7 +101,9 @@ class SessionWorker:
         return self.swap_done.wait(timeout) and self.swapped
 
     def hand_over(self, conn: socket.socket, hello: dict) -> None:
-        socket.send_fds(self.ctl, [json.dumps({"cmd": "conn", "hello": hello}).encode()], [conn.fileno()])
+        socket.send_fds(
+            self.ctl, [json.dumps({"cmd": "conn", "hello": hello}).encode()], [conn.fileno()]
+        )
         self.connected, self.disconnected_at = True, None
 
     def stop(self, reason: str) -> None:
@@ -112,8 +131,9 @@ class SessionWorker:
                 self.user, self.fraction = ev.get("user"), ev.get("fraction", 0)
                 self.cap = ev.get("need", 0)
                 self.attaching = True
-                threading.Thread(target=self._make_room_then_proceed, args=(ev.get("need", 0),),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._make_room_then_proceed, args=(ev.get("need", 0),), daemon=True
+                ).start()
             elif kind == "attached":
                 self.attached, self.attaching = True, False
                 self.last_used = time.monotonic()
@@ -125,14 +145,27 @@ class SessionWorker:
             elif kind == "swapped":
                 self.swapped = bool(ev.get("ok")) or self.swapped
                 if ev.get("ok"):
-                    self.agent.swap_stats.append({"direction": "out", "bytes": ev["bytes"], "seconds": ev["seconds"]})
-                    log.info("session %s swapped out: %.1f MiB in %.3fs", self.session,
-                             ev["bytes"] / 2**20, ev["seconds"])
+                    self.agent.swap_stats.append(
+                        {"direction": "out", "bytes": ev["bytes"], "seconds": ev["seconds"]}
+                    )
+                    log.info(
+                        "session %s swapped out: %.1f MiB in %.3fs",
+                        self.session,
+                        ev["bytes"] / 2**20,
+                        ev["seconds"],
+                    )
                 self.swap_done.set()
             elif kind == "swapped_in":
                 self.swapped = False
-                self.agent.swap_stats.append({"direction": "in", "bytes": ev["bytes"], "seconds": ev["seconds"]})
-                log.info("session %s swapped in: %.1f MiB in %.3fs", self.session, ev["bytes"] / 2**20, ev["seconds"])
+                self.agent.swap_stats.append(
+                    {"direction": "in", "bytes": ev["bytes"], "seconds": ev["seconds"]}
+                )
+                log.info(
+                    "session %s swapped in: %.1f MiB in %.3fs",
+                    self.session,
+                    ev["bytes"] / 2**20,
+                    ev["seconds"],
+                )
             elif kind == "fatal":
                 self.fatal = True
             elif kind == "disconnected":
@@ -146,15 +179,34 @@ class SessionWorker:
         self.agent.forget(self)
 
     def describe(self) -> dict:
-        return {"session": self.session, "user": self.user, "attached": self.attached,
-                "fraction": self.fraction, "connected": self.connected, "pid": self.proc.pid,
-                "gpus": self.gpus, "memory": self.in_use, "swapped": self.swapped}
+        return {
+            "session": self.session,
+            "user": self.user,
+            "attached": self.attached,
+            "fraction": self.fraction,
+            "connected": self.connected,
+            "pid": self.proc.pid,
+            "gpus": self.gpus,
+            "memory": self.in_use,
+            "swapped": self.swapped,
+        }
 
 
 class Agent:
-    def __init__(self, *, device="cpu", host="127.0.0.1", port=0, agent_id=None, lease_secret=None,
-                 namespaces=("aten", "prims"), cpu_memory_gib=16.0, session_grace=60.0,
-                 hello_timeout=10.0, swap_policy="pressure"):
+    def __init__(
+        self,
+        *,
+        device="cpu",
+        host="127.0.0.1",
+        port=0,
+        agent_id=None,
+        lease_secret=None,
+        namespaces=("aten", "prims"),
+        cpu_memory_gib=16.0,
+        session_grace=60.0,
+        hello_timeout=10.0,
+        swap_policy="pressure",
+    ):
         self.device = device
         self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:8]}"
         self.lease_secret = lease_secret.encode() if isinstance(lease_secret, str) else lease_secret
@@ -187,7 +239,7 @@ class Agent:
                     request.close()
 
         self.server = Server((host, port), Handler)
-        self.address = "%s:%d" % self.server.server_address[:2]
+        self.address = "{}:{}".format(*self.server.server_address[:2])
         self._stop = threading.Event()
 
     # -- connections -------------------------------------------------------------------------
@@ -221,7 +273,9 @@ class Agent:
             self.forget(worker)
         with self.lock:
             worker = self.workers.get(session)
-            if worker is not None and not hmac.compare_digest(worker.secret, secret):
+            if worker is not None and not hmac.compare_digest(
+                worker.secret.encode(), secret.encode()
+            ):
                 self._refuse(conn, "wrong secret for this session")
                 return
             if worker is None:
@@ -232,9 +286,16 @@ class Agent:
                     return
                 gpus = claims.get("gpus") or [0]
                 fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
-                worker = self.workers[session] = SessionWorker(self, session, secret, gpus, fraction)
-                log.info("session %s started (user %s, gpus %s, pid %d)", session,
-                         claims.get("user"), gpus, worker.proc.pid)
+                worker = self.workers[session] = SessionWorker(
+                    self, session, secret, gpus, fraction
+                )
+                log.info(
+                    "session %s started (user %s, gpus %s, pid %d)",
+                    session,
+                    claims.get("user"),
+                    gpus,
+                    worker.proc.pid,
+                )
         worker.hand_over(conn, hello)
         self._handed[id(conn)] = True
 
@@ -243,7 +304,11 @@ class Agent:
         with self.lock:
             worker = self.workers.get(msg.get("session"))
         secret = msg.get("secret")
-        if worker is None or not isinstance(secret, str) or not hmac.compare_digest(worker.secret, secret):
+        if (
+            worker is None
+            or not isinstance(secret, str)
+            or not hmac.compare_digest(worker.secret.encode(), secret.encode())
+        ):
             self._refuse(conn, "no such session, or wrong secret")
             return
         worker.send({"cmd": "interrupt"})
@@ -257,7 +322,9 @@ class Agent:
             pass
 
     def gpu_memory(self, gpu: int) -> int:
-        g = next((g for g in gpu_inventory(self.device, self.cpu_memory_gib) if g["index"] == gpu), None)
+        g = next(
+            (g for g in gpu_inventory(self.device, self.cpu_memory_gib) if g["index"] == gpu), None
+        )
         return g["memory_total"] if g else 0
 
     def make_room(self, worker: SessionWorker, need: int) -> None:
@@ -271,12 +338,15 @@ class Agent:
             with self.lock:
                 same = [w for w in self.workers.values() if w is not worker and gpu in w.gpus]
             # Attached sessions are entitled to their whole slice; idle ones hold what they use.
-            resident = sum(w.cap if (w.attached or w.attaching) else 0 if w.swapped else w.in_use
-                           for w in same)
+            resident = sum(
+                w.cap if (w.attached or w.attaching) else 0 if w.swapped else w.in_use for w in same
+            )
             if resident + need <= total:
                 return
-            idle = sorted((w for w in same if not (w.attached or w.attaching or w.swapped)),
-                          key=lambda w: w.last_used)
+            idle = sorted(
+                (w for w in same if not (w.attached or w.attaching or w.swapped)),
+                key=lambda w: w.last_used,
+            )
             if not idle:
                 return  # nothing left to swap: the allocator's cap will say OOM if it comes to it
             if not idle[0].swap_out():
@@ -290,19 +360,34 @@ class Agent:
     def inventory(self) -> dict:
         with self.lock:
             sessions = [w.describe() for w in self.workers.values()]
-        return {"agent": {"id": self.agent_id, "address": self.address, "device": self.device, "mps": self.mps,
-                          "swap_policy": self.swap_policy, "swaps": self.swap_stats[-20:]},
-                "gpus": gpu_inventory(self.device, self.cpu_memory_gib), "sessions": sessions}
+        return {
+            "agent": {
+                "id": self.agent_id,
+                "address": self.address,
+                "device": self.device,
+                "mps": self.mps,
+                "swap_policy": self.swap_policy,
+                "swaps": self.swap_stats[-20:],
+            },
+            "gpus": gpu_inventory(self.device, self.cpu_memory_gib),
+            "sessions": sessions,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _reap_vanished(self):
         while not self._stop.wait(min(1.0, self.session_grace / 2 or 0.1)):
             now = time.monotonic()
             with self.lock:
-                gone = [w for w in self.workers.values()
-                        if w.disconnected_at is not None and now - w.disconnected_at > self.session_grace]
+                gone = [
+                    w
+                    for w in self.workers.values()
+                    if w.disconnected_at is not None
+                    and now - w.disconnected_at > self.session_grace
+                ]
             for w in gone:
-                log.info("session %s: client gone for %.0fs, freeing it", w.session, self.session_grace)
+                log.info(
+                    "session %s: client gone for %.0fs, freeing it", w.session, self.session_grace
+                )
                 w.stop("client vanished")
 
     def serve_forever(self) -> None:
@@ -331,25 +416,44 @@ def run_agent(opts) -> None:
     if opts.lease_secret_file:
         with open(opts.lease_secret_file) as f:
             secret = f.read().strip()
-    agent = Agent(device=device, host=host.strip("[]") or "127.0.0.1", port=int(port), agent_id=opts.agent_id,
-                  lease_secret=secret or None, cpu_memory_gib=opts.cpu_memory_gib,
-                  session_grace=opts.session_grace, swap_policy=opts.swap_policy,
-                  namespaces=["aten", "prims", *filter(None, opts.allow_namespace or [])])
+    agent = Agent(
+        device=device,
+        host=host.strip("[]") or "127.0.0.1",
+        port=int(port),
+        agent_id=opts.agent_id,
+        lease_secret=secret or None,
+        cpu_memory_gib=opts.cpu_memory_gib,
+        session_grace=opts.session_grace,
+        swap_policy=opts.swap_policy,
+        namespaces=["aten", "prims", *filter(None, opts.allow_namespace or [])],
+    )
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
-    log.info("agent %s listening on %s, device=%s (%s)%s", agent.agent_id, agent.address, device,
-             ", ".join(g["name"] for g in gpus),
-             "; NVIDIA MPS daemon found: slices get compute shares" if agent.mps and device == "cuda" else "")
+    log.info(
+        "agent %s listening on %s, device=%s (%s)%s",
+        agent.agent_id,
+        agent.address,
+        device,
+        ", ".join(g["name"] for g in gpus),
+        "; NVIDIA MPS daemon found: slices get compute shares"
+        if agent.mps and device == "cuda"
+        else "",
+    )
     if not secret:
-        log.warning("no lease secret: any client that can reach %s may use this agent "
-                    "(fine on loopback or for a single user; set --lease-secret-file with a broker)",
-                    agent.address)
+        log.warning(
+            "no lease secret: any client that can reach %s may use this agent "
+            "(fine on loopback or for a single user; set --lease-secret-file with a broker)",
+            agent.address,
+        )
     registration = None
     if opts.broker_url:
         from .registration import BrokerRegistration
 
-        registration = BrokerRegistration(agent, opts.broker_url, opts.agent_token
-                                          or os.environ.get("ELASTIC_GPU_AGENT_TOKEN", ""),
-                                          advertise=opts.advertise or agent.address)
+        registration = BrokerRegistration(
+            agent,
+            opts.broker_url,
+            opts.agent_token or os.environ.get("ELASTIC_GPU_AGENT_TOKEN", ""),
+            advertise=opts.advertise or agent.address,
+        )
         registration.start()
 
     def on_term(signum, frame):

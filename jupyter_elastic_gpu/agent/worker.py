@@ -63,15 +63,29 @@ class Worker:
         if self.device_kind == "cuda":
             p = torch.cuda.get_device_properties(self.devices[0])
             total = p.total_memory
-            info = {"name": p.name, "major": p.major, "minor": p.minor,
-                    "multi_processor_count": p.multi_processor_count}
+            info = {
+                "name": p.name,
+                "major": p.major,
+                "minor": p.minor,
+                "multi_processor_count": p.multi_processor_count,
+            }
         else:
             total = int(self.opts.cpu_memory_gib * GiB)
-            info = {"name": "CPU (elastic-gpu agent in --device cpu mode)", "major": 8, "minor": 0,
-                    "multi_processor_count": os.cpu_count() or 1}
+            info = {
+                "name": "CPU (elastic-gpu agent in --device cpu mode)",
+                "major": 8,
+                "minor": 0,
+                "multi_processor_count": os.cpu_count() or 1,
+            }
         frac = self.fraction if self.fraction <= 1 else 1.0
-        return {**info, "kind": self.device_kind, "count": n, "total_memory": total,
-                "fraction": self.fraction, "cap_bytes": int(total * frac)}
+        return {
+            **info,
+            "kind": self.device_kind,
+            "count": n,
+            "total_memory": total,
+            "fraction": self.fraction,
+            "cap_bytes": int(total * frac),
+        }
 
     def _apply_cap(self):
         info = self.device_info()
@@ -90,11 +104,22 @@ class Worker:
             self.shutdown("the agent process went away")
         cmd = json.loads(msg)
         if cmd["cmd"] == "conn":
+            conn = socket.socket(fileno=fds[0])
+            conn.setblocking(True)
+            try:  # a refused newcomer must not cost the owner its connection
+                check_hello(
+                    cmd["hello"], self.lease_secret, self.opts.agent_id, self.session, self.user
+                )
+            except HelloRejected as e:
+                send_frame(
+                    conn, {"error": {"type": "PermissionError", "message": str(e), "op": None}}
+                )
+                conn.close()
+                return
             if self.client is not None:
                 self.sel.unregister(self.client)
                 self.client.close()
-            self.client = socket.socket(fileno=fds[0])
-            self.client.setblocking(True)
+            self.client = conn
             self.sel.register(self.client, selectors.EVENT_READ, "client")
             self.on_hello(cmd["hello"])
         elif cmd["cmd"] == "stop":
@@ -122,7 +147,9 @@ class Worker:
         if self.device_kind == "cuda":
             torch.cuda.empty_cache()
         self.swapped = True
-        self.notify(event="swapped", ok=True, bytes=nbytes, seconds=time.perf_counter() - t0, in_use=0)
+        self.notify(
+            event="swapped", ok=True, bytes=nbytes, seconds=time.perf_counter() - t0, in_use=0
+        )
 
     def swap_in(self):
         t0 = time.perf_counter()
@@ -139,7 +166,9 @@ class Worker:
 
     def on_hello(self, hello):
         try:
-            claims = check_hello(hello, self.lease_secret, self.opts.agent_id, self.session, self.user)
+            claims = check_hello(
+                hello, self.lease_secret, self.opts.agent_id, self.session, self.user
+            )
         except HelloRejected as e:
             self.reply({"error": {"type": "PermissionError", "message": str(e), "op": None}})
             return
@@ -153,7 +182,9 @@ class Worker:
         if self.swapped:
             self.swap_in()
         self.attached = True
-        self.notify(event="attached", user=self.user, fraction=self.fraction, in_use=self.executor.in_use)
+        self.notify(
+            event="attached", user=self.user, fraction=self.fraction, in_use=self.executor.in_use
+        )
         self.reply({"ok": True, "device": self.device_info(), "swap_in": self.last_swap_in})
 
     def wait_for(self, what: str, timeout: float = 120.0):
@@ -220,15 +251,25 @@ class Worker:
         if op == "close":
             self.shutdown("closed by client", code=0)
         if op == "renew":
-            claims = check_hello({"session": self.session, "token": h.get("token")}, self.lease_secret,
-                                 self.opts.agent_id, self.session, self.user)
+            try:
+                claims = check_hello(
+                    {"session": self.session, "token": h.get("token")},
+                    self.lease_secret,
+                    self.opts.agent_id,
+                    self.session,
+                    self.user,
+                )
+            except HelloRejected as e:
+                raise PermissionError(str(e)) from None
             self.expires = claims.get("exp")
             return None
         if self.attached and self.expires is not None and time.time() > self.expires:
             self.attached = False
             self.notify(event="detached", in_use=self.executor.in_use)
-            raise PermissionError("the GPU lease of this session expired (its heartbeats stopped); "
-                                  "the next GPU op takes a new one")
+            raise PermissionError(
+                "the GPU lease of this session expired (its heartbeats stopped); "
+                "the next GPU op takes a new one"
+            )
         if not self.attached:
             raise PermissionError("this session holds no GPU lease; attach first")
         if op == "batch":
@@ -285,9 +326,15 @@ class Worker:
         except Exception:
             pass
         self.fatal = True
-        return {**err, "fatal": True, "message": err["message"].split("\n")[0] + (
-            " — this session's GPU context is lost (a sticky CUDA error) and its tensors are gone; "
-            "the next GPU op starts a fresh session")}
+        return {
+            **err,
+            "fatal": True,
+            "message": err["message"].split("\n")[0]
+            + (
+                " — this session's GPU context is lost (a sticky CUDA error) and its tensors are gone; "
+                "the next GPU op starts a fresh session"
+            ),
+        }
 
     def sync(self):
         if self.device_kind == "cuda":
@@ -301,15 +348,27 @@ class Worker:
     def memory(self) -> dict:
         if self.device_kind == "cuda":
             d = self.devices[0]
-            return {"allocated": torch.cuda.memory_allocated(d), "reserved": torch.cuda.memory_reserved(d),
-                    "max_allocated": torch.cuda.max_memory_allocated(d), "cap": self.cap_bytes}
+            return {
+                "allocated": torch.cuda.memory_allocated(d),
+                "reserved": torch.cuda.memory_reserved(d),
+                "max_allocated": torch.cuda.max_memory_allocated(d),
+                "cap": self.cap_bytes,
+            }
         used = self.executor.bytes_in_use()
-        return {"allocated": used, "reserved": used, "max_allocated": self.executor.peak, "cap": self.cap_bytes}
+        return {
+            "allocated": used,
+            "reserved": used,
+            "max_allocated": self.executor.peak,
+            "cap": self.cap_bytes,
+        }
 
     def shutdown(self, reason, code=0):
         if self.client is not None:
             try:
-                send_frame(self.client, {"error": {"type": "ConnectionAbortedError", "message": reason, "op": None}})
+                send_frame(
+                    self.client,
+                    {"error": {"type": "ConnectionAbortedError", "message": reason, "op": None}},
+                )
             except OSError:
                 pass
         sys.exit(code)

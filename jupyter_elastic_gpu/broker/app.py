@@ -349,7 +349,7 @@ class ElasticGPUBroker(Application):
                 401, "missing token: send 'Authorization: token <JupyterHub API token>'"
             )
         for known, name in self.static_tokens.items():
-            if hmac.compare_digest(known, token):
+            if hmac.compare_digest(known.encode(), token.encode()):
                 groups = frozenset(g for g, users in self.static_groups.items() if name in users)
                 return User(name, name in self.admin_users, groups)
         if self.hub_auth is None:
@@ -392,7 +392,11 @@ class ElasticGPUBroker(Application):
 
     def is_agent(self, request) -> bool:
         token = _token(request)
-        return bool(self.agent_token and token and hmac.compare_digest(token, self.agent_token))
+        return bool(
+            self.agent_token
+            and token
+            and hmac.compare_digest(token.encode(), self.agent_token.encode())
+        )
 
     def authenticate_agent(self, request) -> None:
         if not self.agent_token:

@@ -17,8 +17,15 @@ from .session import AgentUnavailable, DirectLease, RemoteSession
 __all__ = ["attach", "detach", "current_session", "RemoteError", "RemoteTensor", "AgentUnavailable"]
 
 
-def attach(agent: str | None = None, *, fraction: float | None = None, broker: str | None = None,
-           token: str | None = None, session_id: str | None = None, lease_provider=None) -> RemoteSession:
+def attach(
+    agent: str | None = None,
+    *,
+    fraction: float | None = None,
+    broker: str | None = None,
+    token: str | None = None,
+    session_id: str | None = None,
+    lease_provider=None,
+) -> RemoteSession:
     """Make ``device="cuda"`` mean the remote GPU in this process.
 
     Nothing is contacted yet: the lease is taken, and the agent reached, at the first GPU op.
@@ -39,8 +46,10 @@ def attach(agent: str | None = None, *, fraction: float | None = None, broker: s
         elif agent:
             lease_provider = DirectLease(agent, fraction, token)
         else:
-            raise ValueError("attach() needs an agent address (HOST:PORT) or a broker URL "
-                             "(or ELASTIC_GPU_AGENT / ELASTIC_GPU_BROKER_URL in the environment)")
+            raise ValueError(
+                "attach() needs an agent address (HOST:PORT) or a broker URL "
+                "(or ELASTIC_GPU_AGENT / ELASTIC_GPU_BROKER_URL in the environment)"
+            )
     if backend._session is not None:
         detach()
     from . import cuda_facade

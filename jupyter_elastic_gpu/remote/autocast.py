@@ -14,24 +14,102 @@ import torch
 from .backend import BACKEND
 
 LOWER_PRECISION = [
-    "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv", "linear", "addbmm", "baddbmm", "bmm",
-    "chain_matmul", "linalg_multi_dot", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
-    "conv_transpose2d", "conv_transpose3d", "_convolution", "convolution", "prelu", "conv_tbc",
-    "scaled_dot_product_attention", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+    "addmm",
+    "addmv",
+    "addr",
+    "matmul",
+    "einsum",
+    "mm",
+    "mv",
+    "linear",
+    "addbmm",
+    "baddbmm",
+    "bmm",
+    "chain_matmul",
+    "linalg_multi_dot",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "_convolution",
+    "convolution",
+    "prelu",
+    "conv_tbc",
+    "scaled_dot_product_attention",
+    "lstm_cell",
+    "gru_cell",
+    "rnn_tanh_cell",
+    "rnn_relu_cell",
 ]
 FLOAT32 = [
-    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
-    "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "group_norm",
-    "frobenius_norm", "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss",
-    "nll_loss", "nll_loss2d", "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss",
-    "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss",
-    "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist",
-    "cdist", "renorm", "logsumexp", "softmax", "log_softmax", "cross_entropy_loss", "cumsum",
-    "cumprod", "prod", "sum", "norm",
+    "acos",
+    "asin",
+    "cosh",
+    "erfinv",
+    "exp",
+    "expm1",
+    "log",
+    "log10",
+    "log2",
+    "log1p",
+    "reciprocal",
+    "rsqrt",
+    "sinh",
+    "tan",
+    "pow",
+    "softplus",
+    "layer_norm",
+    "native_layer_norm",
+    "group_norm",
+    "frobenius_norm",
+    "nuclear_norm",
+    "cosine_similarity",
+    "poisson_nll_loss",
+    "cosine_embedding_loss",
+    "nll_loss",
+    "nll_loss2d",
+    "hinge_embedding_loss",
+    "kl_div",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "mse_loss",
+    "margin_ranking_loss",
+    "multilabel_margin_loss",
+    "soft_margin_loss",
+    "triplet_margin_loss",
+    "multi_margin_loss",
+    "binary_cross_entropy_with_logits",
+    "dist",
+    "pdist",
+    "cdist",
+    "renorm",
+    "logsumexp",
+    "softmax",
+    "log_softmax",
+    "cross_entropy_loss",
+    "cumsum",
+    "cumprod",
+    "prod",
+    "sum",
+    "norm",
 ]
 PROMOTE = [
-    "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "grid_sampler", "index_put",
-    "scatter_add", "tensordot", "stack", "cat", "index_copy",
+    "addcdiv",
+    "addcmul",
+    "atan2",
+    "bilinear",
+    "cross",
+    "dot",
+    "grid_sampler",
+    "index_put",
+    "scatter_add",
+    "tensordot",
+    "stack",
+    "cat",
+    "index_copy",
 ]
 
 _KEY = "AutocastPrivateUse1"
@@ -39,8 +117,12 @@ _lib = None
 
 
 def _is_castable(t):
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+    return (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.dtype != torch.float64
         and t.device.type in (BACKEND, "cuda")
+    )
 
 
 def _cast(v, dtype):
@@ -93,8 +175,12 @@ def register() -> None:
                     continue
                 op = getattr(packet, overload)
                 try:
-                    _lib.impl(op._schema.name.split("::")[1] + ("." + overload if overload != "default" else ""),
-                              _kernel(op, policy), _KEY)
+                    _lib.impl(
+                        op._schema.name.split("::")[1]
+                        + ("." + overload if overload != "default" else ""),
+                        _kernel(op, policy),
+                        _KEY,
+                    )
                 except RuntimeError:  # already has a kernel for this key
                     pass
     fallthrough = torch.library.Library("_", "IMPL")

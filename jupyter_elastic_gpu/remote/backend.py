@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
-from .wire import DTYPE_NAMES, MEMORY_FORMAT_NAMES, DTYPES
+from .wire import DTYPE_NAMES, DTYPES, MEMORY_FORMAT_NAMES
 
 BACKEND = "egpu"
 
@@ -42,8 +42,13 @@ class RemoteTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, sess, rid, size, stride, offset, dtype, nbytes):
         r = torch.Tensor._make_wrapper_subclass(
-            cls, size, strides=stride, storage_offset=offset, dtype=dtype,
-            device=sess.torch_device, requires_grad=False,
+            cls,
+            size,
+            strides=stride,
+            storage_offset=offset,
+            dtype=dtype,
+            device=sess.torch_device,
+            requires_grad=False,
         )
         r._sess = sess
         r._rid = rid
@@ -121,8 +126,10 @@ def _encode(v, sig, bufs, inputs):
     t = type(v)
     if t is RemoteTensor or isinstance(v, RemoteTensor):
         if v._sess is not _session:
-            raise RuntimeError("this tensor belongs to an earlier remote GPU session (detached or "
-                               "re-attached since), so its data is gone")
+            raise RuntimeError(
+                "this tensor belongs to an earlier remote GPU session (detached or "
+                "re-attached since), so its data is gone"
+            )
         sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
         inputs.append(v)
         return {"t": v._rid}
@@ -167,8 +174,9 @@ def _encode(v, sig, bufs, inputs):
 def _to_meta(v, metas):
     """Meta stand-ins for an op's arguments; ``metas`` gets those of remote tensors, in order."""
     if isinstance(v, RemoteTensor):
-        base = torch.empty(v._nbytes // v.element_size() if v.element_size() else 0,
-                           dtype=v.dtype, device="meta")
+        base = torch.empty(
+            v._nbytes // v.element_size() if v.element_size() else 0, dtype=v.dtype, device="meta"
+        )
         m = base.as_strided(v.shape, v.stride(), v.storage_offset())
         metas.append(m)
         return m
@@ -226,9 +234,15 @@ def _build(spec, inputs, ids, sess):
 
 
 # As on CUDA, only copies and indexing take non-scalar CPU tensors beside device tensors.
-_CPU_TENSOR_ARGS_OK = {torch.ops.aten.copy_.default, torch.ops.aten.index.Tensor,
-                       torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
-                       torch.ops.aten.index_put.default}
+_CPU_TENSOR_ARGS_OK = {
+    torch.ops.aten.copy_.default,
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+    torch.ops.aten.index_put.default,
+}
+
+
 def _restride(x, size, stride, offset, dtype, nbytes, sess):
     """Give wrapper ``x`` new metadata in place (``.data =`` shallow-copies a TensorImpl)."""
     donor = RemoteTensor(sess, 0, size, stride, offset, dtype, nbytes)
@@ -260,8 +274,10 @@ def _forward(func, args, kwargs):
     ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
     sig.append(tuple(kwargs))
     if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
-        raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
-                           f"devices, cuda:0 and cpu! (in {func})")
+        raise RuntimeError(
+            "Expected all tensors to be on the same device, but found at least two "
+            f"devices, cuda:0 and cpu! (in {func})"
+        )
     key = tuple(sig)
     spec = _meta_cache.get(key)
     if spec is None:
@@ -295,6 +311,7 @@ def _infer(func, args, kwargs, inputs):
 
 # ---------------------------------------------------------------------------------------
 # Ops that cross the device boundary or must not be forwarded as they are.
+
 
 def _to_copy(func, args, kwargs):
     (x,) = args

@@ -18,13 +18,46 @@ from . import backend
 from .backend import BACKEND
 
 _FACTORIES = [
-    "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
-    "full_like", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
-    "arange", "range", "linspace", "logspace", "eye", "tensor", "as_tensor", "asarray",
-    "scalar_tensor", "tril_indices", "triu_indices", "empty_permuted", "normal", "bernoulli",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "full",
+    "full_like",
+    "rand",
+    "rand_like",
+    "randn",
+    "randn_like",
+    "randint",
+    "randint_like",
+    "randperm",
+    "arange",
+    "range",
+    "linspace",
+    "logspace",
+    "eye",
+    "tensor",
+    "as_tensor",
+    "asarray",
+    "scalar_tensor",
+    "tril_indices",
+    "triu_indices",
+    "empty_permuted",
+    "normal",
+    "bernoulli",
 ]
 _FROM_DATA = {"tensor", "as_tensor", "asarray", "scalar_tensor"}
-_TENSOR_METHODS_WITH_DEVICE = ["new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "new_empty_strided"]
+_TENSOR_METHODS_WITH_DEVICE = [
+    "new_empty",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_tensor",
+    "new_empty_strided",
+]
 
 _original: dict = {}
 
@@ -94,8 +127,14 @@ def _tensor_to(fn):
 
 def _tensor_cuda(_fn):
     def cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
-        idx = device if isinstance(device, int) else (torch.device(device).index if device is not None else 0)
-        return self.to(torch.device(BACKEND, idx or 0), non_blocking=non_blocking, memory_format=memory_format)
+        idx = (
+            device
+            if isinstance(device, int)
+            else (torch.device(device).index if device is not None else 0)
+        )
+        return self.to(
+            torch.device(BACKEND, idx or 0), non_blocking=non_blocking, memory_format=memory_format
+        )
 
     return cuda
 
@@ -185,8 +224,10 @@ class RemoteEvent:
         return (end._t - self._t) * 1000.0
 
 
-_Props = namedtuple("_CudaDeviceProperties", "name total_memory major minor multi_processor_count "
-                    "gpu_total_memory fraction is_remote")
+_Props = namedtuple(
+    "_CudaDeviceProperties",
+    "name total_memory major minor multi_processor_count gpu_total_memory fraction is_remote",
+)
 
 
 class CudaFacade:
@@ -219,15 +260,25 @@ class CudaFacade:
     def set_device(self, device):
         idx = device if isinstance(device, int) else torch.device(map_device(device)).index or 0
         if not 0 <= idx < self.device_count():
-            raise RuntimeError(f"invalid device ordinal {idx}: this session has {self.device_count()} remote GPU(s)")
+            raise RuntimeError(
+                f"invalid device ordinal {idx}: this session has {self.device_count()} remote GPU(s)"
+            )
 
     def get_device_name(self, device=None):
         return self._info()["name"]
 
     def get_device_properties(self, device=None):
         i = self._info()
-        return _Props(i["name"], i["cap_bytes"], i["major"], i["minor"], i["multi_processor_count"],
-                      i["total_memory"], i["fraction"], True)
+        return _Props(
+            i["name"],
+            i["cap_bytes"],
+            i["major"],
+            i["minor"],
+            i["multi_processor_count"],
+            i["total_memory"],
+            i["fraction"],
+            True,
+        )
 
     def get_device_capability(self, device=None):
         i = self._info()
@@ -309,18 +360,41 @@ class CudaFacade:
 
 
 _FACADE_NAMES = [
-    "is_available", "is_initialized", "init", "device_count", "current_device", "set_device",
-    "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
-    "synchronize", "memory_allocated", "max_memory_allocated", "memory_reserved", "mem_get_info",
-    "empty_cache", "reset_peak_memory_stats", "manual_seed", "manual_seed_all", "_is_in_bad_fork",
-    "_lazy_init", "is_current_stream_capturing", "current_stream", "default_stream", "Stream", "stream",
+    "is_available",
+    "is_initialized",
+    "init",
+    "device_count",
+    "current_device",
+    "set_device",
+    "get_device_name",
+    "get_device_properties",
+    "get_device_capability",
+    "is_bf16_supported",
+    "synchronize",
+    "memory_allocated",
+    "max_memory_allocated",
+    "memory_reserved",
+    "mem_get_info",
+    "empty_cache",
+    "reset_peak_memory_stats",
+    "manual_seed",
+    "manual_seed_all",
+    "_is_in_bad_fork",
+    "_lazy_init",
+    "is_current_stream_capturing",
+    "current_stream",
+    "default_stream",
+    "Stream",
+    "stream",
     "Event",
 ]
 
 
 def install(session) -> None:
     facade = CudaFacade(session)
-    module = types.SimpleNamespace(**{n: getattr(facade, n) for n in dir(facade) if not n.startswith("__")})
+    module = types.SimpleNamespace(
+        **{n: getattr(facade, n) for n in dir(facade) if not n.startswith("__")}
+    )
     backend.register_backend(module)
     session.torch_device = torch.device(BACKEND, 0)
     # torch._register_device_module keeps the first module: point it at this session.
@@ -334,7 +408,9 @@ def install(session) -> None:
     # CUDA builds ask the graphs module directly (optimizers' capture health check).
     import torch.cuda.graphs as graphs
 
-    _original.setdefault((graphs, "is_current_stream_capturing"), graphs.is_current_stream_capturing)
+    _original.setdefault(
+        (graphs, "is_current_stream_capturing"), graphs.is_current_stream_capturing
+    )
     graphs.is_current_stream_capturing = facade.is_current_stream_capturing
     for n in _FACTORIES:
         if hasattr(torch, n):

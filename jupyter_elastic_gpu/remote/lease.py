@@ -11,7 +11,9 @@ from ..broker.client import BrokerClient, BrokerError
 def describe_wait(lease: dict) -> str:
     frac = f"{lease['fraction']:g}"
     if lease.get("reason") == "quota":
-        held = ", ".join(b.get("notebook") or b.get("session", "?")[:8] for b in lease.get("blocked_by") or [])
+        held = ", ".join(
+            b.get("notebook") or b.get("session", "?")[:8] for b in lease.get("blocked_by") or []
+        )
         why = f"your GPU quota is in use{' by ' + held if held else ''}"
     else:
         why = "all GPU slices are busy"
@@ -21,31 +23,59 @@ def describe_wait(lease: dict) -> str:
 class BrokerLease:
     """Lease provider that asks the broker (with the user's Hub token) for each attach."""
 
-    def __init__(self, url: str, token: str | None, fraction: float, *, kernel_name=None,
-                 notebook=None, heartbeat_interval: float = 5.0, on_wait=None):
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        fraction: float,
+        *,
+        kernel_name=None,
+        notebook=None,
+        heartbeat_interval: float = 5.0,
+        on_wait=None,
+    ):
         if not token:
-            raise ValueError("a broker needs a JupyterHub token (JUPYTERHUB_API_TOKEN) to lease a GPU")
+            raise ValueError(
+                "a broker needs a JupyterHub token (JUPYTERHUB_API_TOKEN) to lease a GPU"
+            )
         self.client = BrokerClient(url, token)
         self.fraction, self.kernel_name, self.notebook = fraction, kernel_name, notebook
         self.heartbeat_interval = heartbeat_interval
-        self.on_wait = on_wait or (lambda lease: print(describe_wait(lease), file=sys.stderr, flush=True))
+        self.on_wait = on_wait or (
+            lambda lease: print(describe_wait(lease), file=sys.stderr, flush=True)
+        )
         self.cancel = threading.Event()  # set from an interrupt to leave the queue
         self.lease: dict | None = None
         self._stop = threading.Event()
 
     def acquire(self, session) -> dict:
+        self._stop.set()  # a lease lost with its connection must not keep a heartbeat thread
         self.cancel.clear()
         try:
-            lease = self.client.acquire(session.session_id, self.fraction, kernel_name=self.kernel_name,
-                                        notebook=self.notebook, on_wait=self.on_wait, cancel=self.cancel)
+            lease = self.client.acquire(
+                session.session_id,
+                self.fraction,
+                kernel_name=self.kernel_name,
+                notebook=self.notebook,
+                on_wait=self.on_wait,
+                cancel=self.cancel,
+            )
         except BrokerError as e:
             raise RuntimeError(f"no GPU slice: {e}") from None
         self.lease = lease
         self._stop = threading.Event()
-        threading.Thread(target=self._heartbeat, args=(lease["id"], self._stop, session), daemon=True,
-                         name="egpu-lease-heartbeat").start()
-        return {"address": lease["agent"]["address"], "token": lease["token"], "fraction": lease["fraction"],
-                "lease": lease["id"]}
+        threading.Thread(
+            target=self._heartbeat,
+            args=(lease["id"], self._stop, session),
+            daemon=True,
+            name="egpu-lease-heartbeat",
+        ).start()
+        return {
+            "address": lease["agent"]["address"],
+            "token": lease["token"],
+            "fraction": lease["fraction"],
+            "lease": lease["id"],
+        }
 
     def _heartbeat(self, lease_id, stop, session):
         while not stop.wait(self.heartbeat_interval):

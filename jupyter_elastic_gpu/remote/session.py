@@ -74,16 +74,26 @@ class DirectLease:
         pass
 
 
-def _op_name(func, _cache={}):
-    name = _cache.get(func)
+_OP_NAMES: dict = {}
+
+
+def _op_name(func):
+    name = _OP_NAMES.get(func)
     if name is None:
-        name = _cache[func] = f"{func._schema.name}.{func._overloadname}"
+        name = _OP_NAMES[func] = f"{func._schema.name}.{func._overloadname}"
     return name
 
 
 class RemoteSession:
-    def __init__(self, lease_provider, *, session_id: str | None = None, fraction: float = 1.0,
-                 connect_timeout: float = 10.0, reply_timeout: float | None = None):
+    def __init__(
+        self,
+        lease_provider,
+        *,
+        session_id: str | None = None,
+        fraction: float = 1.0,
+        connect_timeout: float = 10.0,
+        reply_timeout: float | None = None,
+    ):
         self.lease_provider = lease_provider
         self.session_id = session_id or secrets.token_hex(8)
         self.secret = secrets.token_urlsafe(24)
@@ -267,8 +277,15 @@ class RemoteSession:
             if "in" in v:
                 return by_id[v["in"]]
             if "r" in v:
-                return backend.RemoteTensor(self, v["r"], v["size"], v["stride"], v["offset"],
-                                            DTYPES[v["dtype"]], v["nbytes"])
+                return backend.RemoteTensor(
+                    self,
+                    v["r"],
+                    v["size"],
+                    v["stride"],
+                    v["offset"],
+                    DTYPES[v["dtype"]],
+                    v["nbytes"],
+                )
             if "tuple" in v:
                 return tuple(self._decode_result(x, by_id) for x in v["tuple"])
         return v
@@ -279,7 +296,9 @@ class RemoteSession:
         self._bufs, self._buf_bytes = [], 0
         try:
             with socket.create_connection(parse_address(self.address), timeout=5) as s:
-                send_frame(s, {"op": "interrupt", "session": self.session_id, "secret": self.secret})
+                send_frame(
+                    s, {"op": "interrupt", "session": self.session_id, "secret": self.secret}
+                )
                 recv_frame(s)
         except (OSError, ConnectionError):
             pass  # the agent is gone: the next op reports that
@@ -299,9 +318,14 @@ class RemoteSession:
             try:
                 if self.sock is None or lease["address"] != self.address:
                     self._connect(lease["address"])
-                hello = {"op": "hello", "session": self.session_id, "secret": self.secret,
-                         "token": lease.get("token"), "fraction": lease.get("fraction", self.fraction),
-                         "pid": os.getpid()}
+                hello = {
+                    "op": "hello",
+                    "session": self.session_id,
+                    "secret": self.secret,
+                    "token": lease.get("token"),
+                    "fraction": lease.get("fraction", self.fraction),
+                    "pid": os.getpid(),
+                }
                 self._drain_owed()
                 send_frame(self.sock, hello)
                 self._owed_replies += 1
@@ -309,7 +333,9 @@ class RemoteSession:
             except (OSError, ConnectionError) as e:
                 self.lease_provider.release()
                 self.sock = None
-                raise AgentUnavailable(f"cannot reach the GPU agent at {lease['address']}: {e}") from None
+                raise AgentUnavailable(
+                    f"cannot reach the GPU agent at {lease['address']}: {e}"
+                ) from None
             if "error" in reply:
                 self.lease_provider.release()
                 _raise_remote(reply["error"])
@@ -328,8 +354,9 @@ class RemoteSession:
         self.sock, self.address = sock, address
         self._owed_replies = 0
         self._inbox = queue.Queue()
-        threading.Thread(target=self._receive, args=(sock, self._inbox), daemon=True,
-                         name="egpu-receiver").start()
+        threading.Thread(
+            target=self._receive, args=(sock, self._inbox), daemon=True, name="egpu-receiver"
+        ).start()
 
     def renew(self, token: str) -> None:
         """Hand the agent a refreshed lease token (no reply: a rejection shows at the next sync)."""
@@ -372,4 +399,5 @@ class RemoteSession:
 def _dense(x) -> bool:
     # Strides of a non-overlapping, dense layout can be reproduced on the CPU copy.
     return torch._prims_common.is_non_overlapping_and_dense_or_false(
-        torch.empty_strided(x.shape, x.stride(), device="meta"))
+        torch.empty_strided(x.shape, x.stride(), device="meta")
+    )

@@ -31,10 +31,24 @@ class ProtocolError(Exception):
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
     for d in (
-        torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
-        torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-        torch.bool, torch.uint16, torch.uint32, torch.uint64,
-        torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32,
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.complex64,
+        torch.complex128,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.complex32,
     )
 }
 DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
@@ -52,7 +66,9 @@ def encode_frame(header: dict, buffers: list = ()) -> list:
     """Return the pieces of one frame, ready for ``socket.sendmsg``/``writelines``."""
     head = json.dumps(header, separators=(",", ":")).encode()
     views = [memoryview(b).cast("B") for b in buffers]
-    prefix = _PREFIX.pack(len(head), len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
+    prefix = _PREFIX.pack(len(head), len(views)) + struct.pack(
+        f"<{len(views)}Q", *(v.nbytes for v in views)
+    )
     return [prefix, head, *views]
 
 
@@ -68,7 +84,9 @@ def decode_header(head: bytes) -> dict:
 
 def check_prefix(hlen: int, nbuf: int) -> None:
     if hlen > MAX_HEADER_BYTES:
-        raise ProtocolError(f"frame header of {hlen} bytes exceeds the {MAX_HEADER_BYTES} byte limit")
+        raise ProtocolError(
+            f"frame header of {hlen} bytes exceeds the {MAX_HEADER_BYTES} byte limit"
+        )
     if nbuf > MAX_BUFFERS:
         raise ProtocolError(f"frame claims {nbuf} buffers; at most {MAX_BUFFERS} are allowed")
 
@@ -120,8 +138,12 @@ def set_liveness(sock: socket.socket, timeout: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     probe = max(1, int(timeout / 4))
-    for opt, value in (("TCP_KEEPIDLE", probe), ("TCP_KEEPINTVL", probe), ("TCP_KEEPCNT", 3),
-                       ("TCP_USER_TIMEOUT", int(timeout * 1000))):
+    for opt, value in (
+        ("TCP_KEEPIDLE", probe),
+        ("TCP_KEEPINTVL", probe),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(timeout * 1000)),
+    ):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 

@@ -10,7 +10,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 
 from jupyter_elastic_gpu.agent.client import query_inventory
 from tests.conftest import AGENT_DEVICE
@@ -23,13 +22,17 @@ def run_client(address, code, fraction=0.25, timeout=120):
         from jupyter_elastic_gpu import remote
         remote.attach({address!r}, fraction={fraction})
     """) + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", prog], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.skipif(AGENT_DEVICE != "cpu", reason="the CPU-mode cap; see the gpu test below")
 def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
     agent = make_agent("--cpu-memory-gib", "0.5", device="cpu")  # 0.25 slice = 128 MiB
-    p = run_client(agent.address, """
+    p = run_client(
+        agent.address,
+        """
         x = torch.ones(8 << 20, device="cuda")  # 32 MiB fits
         try:
             y = torch.empty(40 << 20, device="cuda")  # +160 MiB does not
@@ -38,7 +41,8 @@ def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
             print("OOM:", e)
         z = x * 2  # the session is still usable, its tensors intact
         print("sum", z.sum().item())
-    """)
+    """,
+    )
     assert p.returncode == 0, p.stderr
     assert "OOM:" in p.stdout and "0.25 of CPU" in p.stdout and "0.12 GiB cap" in p.stdout
     assert f"sum {2.0 * (8 << 20)}" in p.stdout
@@ -47,7 +51,9 @@ def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
 @pytest.mark.gpu
 def test_gpu_slice_cap_is_enforced_by_the_cuda_allocator(make_agent):
     agent = make_agent(device="cuda")
-    p = run_client(agent.address, """
+    p = run_client(
+        agent.address,
+        """
         total = torch.cuda.get_device_properties(0).gpu_total_memory
         cap = torch.cuda.get_device_properties(0).total_memory
         print("cap/total", round(cap / total, 3))
@@ -58,7 +64,8 @@ def test_gpu_slice_cap_is_enforced_by_the_cuda_allocator(make_agent):
         except torch.cuda.OutOfMemoryError as e:
             print("OOM:", e)
         print("alive", (x[:10] * 0 + 1).sum().item())
-    """)
+    """,
+    )
     assert p.returncode == 0, p.stderr
     assert "cap/total 0.25" in p.stdout and "OOM:" in p.stdout and "slice" in p.stdout
     assert "alive 10.0" in p.stdout
@@ -67,7 +74,9 @@ def test_gpu_slice_cap_is_enforced_by_the_cuda_allocator(make_agent):
 @pytest.mark.gpu
 def test_a_sticky_cuda_error_resets_only_that_session(make_agent):
     agent = make_agent(device="cuda")
-    p = run_client(agent.address, """
+    p = run_client(
+        agent.address,
+        """
         x = torch.arange(3.0, device="cuda")
         try:
             x[torch.tensor([0, 7], device="cuda")].cpu()  # device-side assert: context is dead
@@ -78,7 +87,8 @@ def test_a_sticky_cuda_error_resets_only_that_session(make_agent):
         except Exception as e:
             print("LOST", e)
         print("fresh", torch.ones(4, device="cuda").sum().item())  # a new context works
-    """)
+    """,
+    )
     assert p.returncode == 0, p.stderr
     assert "ERR" in p.stdout and "context is lost" in p.stdout
     assert "LOST" in p.stdout and "fresh 4.0" in p.stdout
@@ -87,13 +97,16 @@ def test_a_sticky_cuda_error_resets_only_that_session(make_agent):
 def test_a_crashed_worker_leaves_other_sessions_intact(make_agent):
     agent = make_agent()
     from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
-    from jupyter_elastic_gpu.remote.wire import send_frame, recv_frame
 
     victim = RemoteSession(DirectLease(agent.address, 0.5))
     victim.attach()
     inv = query_inventory(agent.address)
     assert [s["session"] for s in inv["sessions"]] == [victim.session_id]
-    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time, torch
         from jupyter_elastic_gpu import remote
         remote.attach({agent.address!r}, fraction=0.5)
@@ -101,11 +114,19 @@ def test_a_crashed_worker_leaves_other_sessions_intact(make_agent):
         print("ready", flush=True)
         sys.stdin.readline()
         print("after", (x * 2).sum().item(), flush=True)
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert other.stdout.readline().strip() == "ready"
-        pid = next(s["pid"] for s in query_inventory(agent.address)["sessions"]
-                   if s["session"] == victim.session_id)
+        pid = next(
+            s["pid"]
+            for s in query_inventory(agent.address)["sessions"]
+            if s["session"] == victim.session_id
+        )
         os.kill(pid, signal.SIGKILL)  # the worker dies mid-session (as on a segfault)
         with pytest.raises(ConnectionError, match="lost the connection"):
             victim.synchronize()
@@ -118,14 +139,22 @@ def test_a_crashed_worker_leaves_other_sessions_intact(make_agent):
 
 def test_sessions_of_vanished_clients_are_freed(make_agent):
     agent = make_agent("--session-grace", "1")
-    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time, torch
         from jupyter_elastic_gpu import remote
         remote.attach({agent.address!r})
         x = torch.ones(1000, device="cuda"); x.sum().item()
         print("attached", flush=True)
         time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert client.stdout.readline().strip() == "attached"
     assert len(query_inventory(agent.address)["sessions"]) == 1
     client.kill()  # kill -9: no goodbye
@@ -138,7 +167,11 @@ def test_sessions_of_vanished_clients_are_freed(make_agent):
 
 def test_agent_shutdown_tells_attached_clients(make_agent):
     agent = make_agent()
-    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, torch
         from jupyter_elastic_gpu import remote
         remote.attach({agent.address!r})
@@ -149,7 +182,12 @@ def test_agent_shutdown_tells_attached_clients(make_agent):
             x.sum().item()
         except Exception as e:
             print("ERR", type(e).__name__, e, flush=True)
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert client.stdout.readline().strip() == "attached"
         agent.stop()
@@ -163,6 +201,14 @@ def test_inventory_describes_the_cpu_stand_in(agent):
     inv = query_inventory(agent.address)
     assert inv["agent"]["device"] in ("cpu", "cuda")
     gpu = inv["gpus"][0]
-    assert {"index", "uuid", "name", "memory_total", "memory_used", "utilization", "mig"} <= gpu.keys()
+    assert {
+        "index",
+        "uuid",
+        "name",
+        "memory_total",
+        "memory_used",
+        "utilization",
+        "mig",
+    } <= gpu.keys()
     if inv["agent"]["device"] == "cpu":
         assert "CPU" in gpu["name"] and gpu["memory_total"] > 0

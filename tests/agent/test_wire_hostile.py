@@ -22,13 +22,16 @@ from jupyter_elastic_gpu.remote.wire import encode_frame, recv_frame, send_frame
 
 
 def connect(address):
-    s = socket.create_connection(parse_address(address), timeout=10)
+    # Generous: a new session's worker starts a process and, on a GPU, a CUDA context.
+    s = socket.create_connection(parse_address(address), timeout=90)
     return s
 
 
 def open_session(address, session="attacker", secret="s3cret"):
     s = connect(address)
-    send_frame(s, {"op": "hello", "session": session, "secret": secret, "token": None, "fraction": 0.25})
+    send_frame(
+        s, {"op": "hello", "session": session, "secret": secret, "token": None, "fraction": 0.25}
+    )
     reply, _ = recv_frame(s)
     assert reply.get("ok"), reply
     return s
@@ -43,8 +46,14 @@ def still_serving(address):
     """A fresh, honest session works end to end."""
     s = open_session(address, session="honest-" + str(id(address)) + str(socket.socket().fileno()))
     try:
-        send_frame(s, {"op": "batch", "ops": [["aten::ones.default", [[3]], {"device": {"dev": "cuda", "i": 0}}, [1], 0]],
-                       "free": []})
+        send_frame(
+            s,
+            {
+                "op": "batch",
+                "ops": [["aten::ones.default", [[3]], {"device": {"dev": "cuda", "i": 0}}, [1], 0]],
+                "free": [],
+            },
+        )
         reply, bufs = (lambda s: (send_frame(s, {"op": "fetch", "t": 1}), recv_frame(s))[1])(s)
         assert reply.get("ok") and bytes(bufs[0]) == torch.ones(3).numpy().tobytes()
         send_frame(s, {"op": "close"})
@@ -53,7 +62,9 @@ def still_serving(address):
     return True
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(junk=st.binary(min_size=0, max_size=300))
 def test_random_first_frames_are_refused(agent, junk):
     with connect(agent.address) as s:
@@ -68,12 +79,42 @@ def test_random_first_frames_are_refused(agent, junk):
     assert query_inventory(agent.address)["agent"]["id"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(header=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(
-        ["op", "ops", "t", "name", "args", "kwargs", "free", "seed", "dev", "cpu", "dtype", "shape"]), c, max_size=4),
-    max_leaves=20))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    header=st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=20),
+        lambda c: (
+            st.lists(c, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "op",
+                        "ops",
+                        "t",
+                        "name",
+                        "args",
+                        "kwargs",
+                        "free",
+                        "seed",
+                        "dev",
+                        "cpu",
+                        "dtype",
+                        "shape",
+                    ]
+                ),
+                c,
+                max_size=4,
+            )
+        ),
+        max_leaves=20,
+    )
+)
 def test_random_json_requests_get_error_replies(agent, header):
     s = open_session(agent.address, session="fuzz")
     try:
@@ -91,13 +132,33 @@ def test_ops_outside_the_allow_list_never_run(agent, tmp_path):
     marker = tmp_path / "pwned"
     s = open_session(agent.address, session="evil-ops")
     try:
-        for name in ["builtins::eval.default", "os::system.default", "aten::__class__.default",
-                     "aten::from_file.default", "torch.ops.aten.add.Tensor", "aten::add.__init__",
-                     "aten::add", "_ops::aten.default", "prims::__getattr__.default", 42, None]:
-            send_frame(s, {"op": "batch", "free": [], "ops": [
-                [name, [f"__import__('os').system('touch {marker}')"], {}, [], 0]]})
+        for name in [
+            "builtins::eval.default",
+            "os::system.default",
+            "aten::__class__.default",
+            "aten::from_file.default",
+            "torch.ops.aten.add.Tensor",
+            "aten::add.__init__",
+            "aten::add",
+            "_ops::aten.default",
+            "prims::__getattr__.default",
+            42,
+            None,
+        ]:
+            send_frame(
+                s,
+                {
+                    "op": "batch",
+                    "free": [],
+                    "ops": [[name, [f"__import__('os').system('touch {marker}')"], {}, [], 0]],
+                },
+            )
             reply = request(s, {"op": "sync"})
-            assert reply["error"]["type"] in ("PermissionError", "NotImplementedError", "OpError"), reply
+            assert reply["error"]["type"] in (
+                "PermissionError",
+                "NotImplementedError",
+                "OpError",
+            ), reply
             assert "Traceback" not in reply["error"]["message"]
         assert not marker.exists()
     finally:
@@ -109,10 +170,26 @@ def test_pickled_payloads_are_just_bytes(agent):
     evil = pickle.dumps(eval)  # noqa: S301 - the point is that it is never unpickled
     s = open_session(agent.address, session="pickle")
     try:
-        send_frame(s, {"op": "batch", "free": [], "ops": [
-            ["aten::add.Tensor", [{"cpu": 0, "dtype": "float32", "shape": [len(evil) // 4]},
-                                  {"cpu": 0, "dtype": "float32", "shape": [len(evil) // 4]}], {}, [7], 0]]},
-                   [evil[: (len(evil) // 4) * 4]])
+        send_frame(
+            s,
+            {
+                "op": "batch",
+                "free": [],
+                "ops": [
+                    [
+                        "aten::add.Tensor",
+                        [
+                            {"cpu": 0, "dtype": "float32", "shape": [len(evil) // 4]},
+                            {"cpu": 0, "dtype": "float32", "shape": [len(evil) // 4]},
+                        ],
+                        {},
+                        [7],
+                        0,
+                    ]
+                ],
+            },
+            [evil[: (len(evil) // 4) * 4]],
+        )
         reply = request(s, {"op": "sync"})
         assert reply.get("ok")  # the bytes were read as float32 numbers, nothing more
     finally:
@@ -123,8 +200,14 @@ def test_sessions_cannot_name_each_others_tensors(agent):
     a = open_session(agent.address, session="alice", secret="a")
     b = open_session(agent.address, session="bob", secret="b")
     try:
-        send_frame(a, {"op": "batch", "free": [], "ops": [
-            ["aten::full.default", [[4], 1234.0], {"device": {"dev": "cuda"}}, [1], 0]]})
+        send_frame(
+            a,
+            {
+                "op": "batch",
+                "free": [],
+                "ops": [["aten::full.default", [[4], 1234.0], {"device": {"dev": "cuda"}}, [1], 0]],
+            },
+        )
         assert request(a, {"op": "sync"}).get("ok")
         reply = request(b, {"op": "fetch", "t": 1})
         assert "unknown tensor id" in reply["error"]["message"]
@@ -148,21 +231,58 @@ def test_oversized_and_lying_frames_are_refused_without_allocating(agent):
     s = open_session(agent.address, session="liar2")
     try:
         # A tensor whose shape claims far more bytes than the buffer carries.
-        send_frame(s, {"op": "batch", "free": [], "ops": [
-            ["aten::clone.default", [{"cpu": 0, "dtype": "float32", "shape": [1 << 40]}], {}, [1], 0]]}, [b"\0" * 16])
+        send_frame(
+            s,
+            {
+                "op": "batch",
+                "free": [],
+                "ops": [
+                    [
+                        "aten::clone.default",
+                        [{"cpu": 0, "dtype": "float32", "shape": [1 << 40]}],
+                        {},
+                        [1],
+                        0,
+                    ]
+                ],
+            },
+            [b"\0" * 16],
+        )
         assert "needs" in request(s, {"op": "sync"})["error"]["message"]
         for shape in ([-1], [1 << 62, 1 << 62], "3"):
-            send_frame(s, {"op": "batch", "free": [], "ops": [
-                ["aten::empty.memory_format", [shape], {"device": {"dev": "cuda"}}, [2], 0]]})
+            send_frame(
+                s,
+                {
+                    "op": "batch",
+                    "free": [],
+                    "ops": [
+                        ["aten::empty.memory_format", [shape], {"device": {"dev": "cuda"}}, [2], 0]
+                    ],
+                },
+            )
             assert "error" in request(s, {"op": "sync"})
         # Negative strides and out-of-bounds views are torch's own checks, reported as errors.
-        send_frame(s, {"op": "batch", "free": [], "ops": [
-            ["aten::zeros.default", [[4]], {"device": {"dev": "cuda"}}, [3], 0],
-            ["aten::as_strided.default", [{"t": 3}, [4], [-1]], {}, [4], 0],
-            ["aten::as_strided.default", [{"t": 3}, [100], [1]], {}, [5], 0]]})
+        send_frame(
+            s,
+            {
+                "op": "batch",
+                "free": [],
+                "ops": [
+                    ["aten::zeros.default", [[4]], {"device": {"dev": "cuda"}}, [3], 0],
+                    ["aten::as_strided.default", [{"t": 3}, [4], [-1]], {}, [4], 0],
+                    ["aten::as_strided.default", [{"t": 3}, [100], [1]], {}, [5], 0],
+                ],
+            },
+        )
         assert "error" in request(s, {"op": "sync"})
-        send_frame(s, {"op": "batch", "free": [], "ops": [
-            ["aten::as_strided.default", [{"t": 3}, [100], [1]], {}, [5], 0]]})
+        send_frame(
+            s,
+            {
+                "op": "batch",
+                "free": [],
+                "ops": [["aten::as_strided.default", [{"t": 3}, [100], [1]], {}, [5], 0]],
+            },
+        )
         assert "out of bounds" in request(s, {"op": "sync"})["error"]["message"]
     finally:
         s.close()
@@ -183,7 +303,10 @@ def test_unknown_requests_and_bad_ids_get_clear_errors(agent):
     try:
         assert "unknown request" in request(s, {"op": "format_disk"})["error"]["message"]
         assert "unknown tensor id" in request(s, {"op": "fetch", "t": 99999})["error"]["message"]
-        assert "unknown tensor id" in request(s, {"op": "fetch", "t": "1; rm -rf /"})["error"]["message"]
+        assert (
+            "unknown tensor id"
+            in request(s, {"op": "fetch", "t": "1; rm -rf /"})["error"]["message"]
+        )
         reply = request(s, {"op": "manual_seed", "seed": "x"})
         assert "integer" in reply["error"]["message"]
         assert request(s, {"op": "sync"}).get("ok")

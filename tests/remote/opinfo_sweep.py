@@ -54,9 +54,24 @@ def main(argv=None):
         if dtype not in op.supported_dtypes("cpu"):
             continue
         rec = results[name] = {"passed": 0, "failed": 0, "skipped": 0, "errors": []}
-        if getattr(op, "is_factory_function", False) or "rand" in op.name or "dropout" in op.name \
-                or op.name in ("bernoulli", "multinomial", "normal", "uniform", "empty", "empty_like",
-                               "new_empty", "new_empty_strided", "empty_strided", "empty_permuted"):
+        if (
+            getattr(op, "is_factory_function", False)
+            or "rand" in op.name
+            or "dropout" in op.name
+            or op.name
+            in (
+                "bernoulli",
+                "multinomial",
+                "normal",
+                "uniform",
+                "empty",
+                "empty_like",
+                "new_empty",
+                "new_empty_strided",
+                "empty_strided",
+                "empty_permuted",
+            )
+        ):
             rec["skipped"] += 1  # random or uninitialised results: nothing to compare
             continue
         try:
@@ -75,25 +90,39 @@ def main(argv=None):
                 rin, rargs, rkwargs = tree_map(to_remote, (s.input, s.args, s.kwargs))
                 torch.manual_seed(0)
                 got = tree_map(to_local, op(rin, *rargs, **rkwargs))
-                torch.testing.assert_close(got, expected, equal_nan=True, rtol=1.3e-6 * 10, atol=1e-5,
-                                           check_device=False, check_stride=False)
+                torch.testing.assert_close(
+                    got,
+                    expected,
+                    equal_nan=True,
+                    rtol=1.3e-6 * 10,
+                    atol=1e-5,
+                    check_device=False,
+                    check_stride=False,
+                )
                 rec["passed"] += 1
             except Exception as e:
                 rec["failed"] += 1
                 if len(rec["errors"]) < 2:
-                    rec["errors"].append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                                         if str(e) else traceback.format_exc(limit=1)[-200:])
+                    rec["errors"].append(
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        if str(e)
+                        else traceback.format_exc(limit=1)[-200:]
+                    )
                 try:  # a failed op's async error must not be charged to the next one
                     torch.cuda.synchronize()
                 except Exception:
                     pass
     summary = {
-        "dtype": opts.dtype, "seconds": round(time.monotonic() - t0, 1), "torch": torch.__version__,
+        "dtype": opts.dtype,
+        "seconds": round(time.monotonic() - t0, 1),
+        "torch": torch.__version__,
         "passed": sum(r["passed"] for r in results.values()),
         "failed": sum(r["failed"] for r in results.values()),
         "skipped": sum(r["skipped"] for r in results.values()),
     }
-    summary["pass_rate"] = round(summary["passed"] / max(1, summary["passed"] + summary["failed"]), 4)
+    summary["pass_rate"] = round(
+        summary["passed"] / max(1, summary["passed"] + summary["failed"]), 4
+    )
     with open(opts.out, "w") as f:
         json.dump({"summary": summary, "ops": results}, f, indent=1, sort_keys=True)
     print(json.dumps(summary))
@@ -125,7 +154,13 @@ def write_markdown(path, summary, results, device):
         if r["failed"]:
             err = (r["errors"] or [""])[0].replace("|", "\\|")[:160]
             lines.append(f"| `{name}` | {r['passed']} | {r['failed']} | {err} |")
-    lines += ["", "## All ops", "", "| op | passed | failed | skipped |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "## All ops",
+        "",
+        "| op | passed | failed | skipped |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, r in sorted(results.items()):
         lines.append(f"| `{name}` | {r['passed']} | {r['failed']} | {r['skipped']} |")
     with open(path, "w") as f:

@@ -34,8 +34,17 @@ def test_tensors_say_cuda(remote):
 
 
 def test_values_round_trip_exactly(remote):
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-                  torch.int32, torch.uint8, torch.bool, torch.complex64):
+    for dtype in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+    ):
         x = (torch.randn(5, 7) * 100).to(dtype)
         assert torch.equal(x.cuda().cpu(), x), dtype
     t = torch.randn(4, 6).t()  # non-contiguous layouts keep their strides, as with CUDA
@@ -115,7 +124,9 @@ def test_errors_name_the_op_and_the_session_survives(remote):
     assert (a * 0).sum().item() == 0  # still usable
 
 
-@pytest.mark.skipif(AGENT_DEVICE != "cpu", reason="on a GPU this is a sticky device-side assert: see test_slices")
+@pytest.mark.skipif(
+    AGENT_DEVICE != "cpu", reason="on a GPU this is a sticky device-side assert: see test_slices"
+)
 def test_out_of_range_index_is_an_error_not_a_crash(remote):
     idx = torch.tensor([0, 7], device="cuda")
     with pytest.raises(Exception, match="index|out of"):
@@ -127,7 +138,9 @@ def test_async_errors_surface_at_the_next_sync_point(remote):
     # Queued without waiting (shapes are fine); the agent's failure comes back at the next
     # sync point, naming the op, with torch's own exception type.
     torch.linalg.cholesky(-torch.eye(3, device="cuda"))
-    with pytest.raises(torch.linalg.LinAlgError, match=r"_linalg_check_errors.*asynchronously.*positive-definite"):
+    with pytest.raises(
+        torch.linalg.LinAlgError, match=r"_linalg_check_errors.*asynchronously.*positive-definite"
+    ):
         torch.cuda.synchronize()
     assert torch.ones(2, device="cuda").sum().item() == 2
 

@@ -16,9 +16,21 @@ HERE = Path(__file__).parent
 def test_opinfo_float32_pass_rate_holds_the_baseline(agent, tmp_path):
     out = tmp_path / "sweep.json"
     md = tmp_path / "opinfo-coverage.md"
-    p = subprocess.run([sys.executable, str(HERE / "opinfo_sweep.py"), agent.address, str(out),
-                        "--markdown", str(md), "--agent-device", AGENT_DEVICE],
-                       capture_output=True, text=True, timeout=1200)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "opinfo_sweep.py"),
+            agent.address,
+            str(out),
+            "--markdown",
+            str(md),
+            "--agent-device",
+            AGENT_DEVICE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
     baseline = json.loads((HERE / "opinfo_baseline.json").read_text())["float32"]["pass_rate"]

@@ -56,7 +56,9 @@ class TinyTransformer(nn.Module):
         self.ln1, self.ln2, self.lnf = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(P_DROP), nn.Linear(4 * d, d))
+        self.mlp = nn.Sequential(
+            nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(P_DROP), nn.Linear(4 * d, d)
+        )
         self.head = nn.Linear(d, vocab)
 
     def forward(self, idx):
@@ -139,7 +141,10 @@ def test_optimizers_take_the_foreach_path(remote):
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
     params = [torch.zeros(3, device="cuda", requires_grad=True)]
-    assert _default_to_fused_or_foreach(params, differentiable=False, use_fused=False) == (False, True)
+    assert _default_to_fused_or_foreach(params, differentiable=False, use_fused=False) == (
+        False,
+        True,
+    )
 
 
 def test_autocast_bf16_runs_matmuls_in_bf16_and_trains(remote):
@@ -213,6 +218,8 @@ def test_attention_ships_as_one_fused_op_each_way(remote):
     finally:
         remote.enqueue = orig
     attn = [n for n in names if "attention" in n]
-    assert attn == ["aten::_scaled_dot_product_fused_attention_overrideable.default",
-                    "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"]
+    assert attn == [
+        "aten::_scaled_dot_product_fused_attention_overrideable.default",
+        "aten::_scaled_dot_product_fused_attention_overrideable_backward.default",
+    ]
     assert not any("bmm" in n or "softmax" in n for n in names)

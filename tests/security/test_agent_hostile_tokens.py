@@ -145,14 +145,6 @@ def test_second_user_with_own_valid_token_cannot_take_over_first_users_session(s
     assert honest_session_works(secure_agent.address, "s-after-takeover")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "agent/worker.py Worker.on_control('conn') closes the session's live client socket before "
-        "on_hello validates the newcomer's token, so a hello with the right session secret but "
-        "another user's token (refused: 'belongs to another user') still disconnects the owner"
-    ),
-)
 def test_refused_hello_with_leaked_secret_does_not_disconnect_the_owner(secure_agent):
     a, reply = hello(
         secure_agent.address, "s-leak", "leaked", token(user="alice", session="s-leak")
@@ -212,14 +204,6 @@ def send_frame_renew(s, tok):
     send_frame(s, {"op": "renew", "token": tok})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "agent/worker.py Worker.handle('renew') lets auth.HelloRejected escape, so a refused renewal "
-        "is reported with type 'HelloRejected' (the client maps it to RemoteError) instead of "
-        "PermissionError like every other token refusal"
-    ),
-)
 def test_a_refused_renewal_is_a_permission_error(secure_agent):
     s, reply = hello(secure_agent.address, "s-renew-type", "k", token(session="s-renew-type"))
     assert reply.get("ok"), reply

@@ -97,13 +97,6 @@ def test_user_tokens_cannot_act_as_agents(broker):
     assert "a1" in {a["id"] for a in call(broker, "GET", "pool", "alice").json()["agents"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "broker/app.py ElasticGPUBroker.authenticate (and is_agent) call hmac.compare_digest(str, str), "
-        "which raises TypeError for non-ASCII strings: a token like 'éé' gets 500 instead of 403"
-    ),
-)
 @pytest.mark.parametrize("path", ["me", "agents"])
 def test_non_ascii_tokens_are_refused_not_a_server_error(broker, path):
     r = requests.request(
