@@ -173,13 +173,15 @@ def main(argv=None):
         # Two 0.5 slices at once, then a third forces the idle one out.
         total = query_inventory(address)["gpus"][0]["memory_total"] / (1 << 30)
         reps = 200 if opts.device == "cuda" else 1
-        a, b = Client(address, 0.5, 0.375 * total, reps), Client(address, 0.5, 0.25 * total, reps)
+        # Attached sessions count their whole slice: with B attached, C's 0.5 does not fit
+        # beside idle A's resident memory, however small, so A must leave.
+        a, b = Client(address, 0.5, 0.05 * total, reps), Client(address, 0.5, 0.05 * total, reps)
         a.p.stdin.write("work\n"), b.p.stdin.write("work\n")
         a.p.stdin.flush(), b.p.stdin.flush()
         ta, tb = float(a.p.stdout.readline().split()[1]), float(b.p.stdout.readline().split()[1])
         a.do("release")
         n0 = len(query_inventory(address)["agent"]["swaps"])
-        c = Client(address, 0.5, 0.05 * total)
+        c = Client(address, 0.5, 0.02 * total)
         swapped = [s for s in query_inventory(address)["sessions"] if s["swapped"]]
         results["concurrent"] = {
             "a_work_s": ta,
