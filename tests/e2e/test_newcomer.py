@@ -213,3 +213,35 @@ def test_second_user_sees_a_different_quota(hub):
     assert side["limit"] == 1.0 and side["user"] == "bob"
     # bob cannot see alice's leases or her kernels' sessions
     assert hub.broker("GET", "leases?all=true", "bob").status_code == 403
+
+
+def test_browser_login_lab_and_gpu_panel(hub, tmp_path):
+    """In a real browser: the login form, JupyterLab with the GPU kernels in the launcher, and
+    the GPU panel showing this user's quota and the local agent."""
+    from tests.ui.conftest import CHROMIUM_ARGS, chromium_or_skip
+
+    path = chromium_or_skip()
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{hub.url}/hub/login")
+            page.fill("#username_input", "carol")
+            page.fill("#password_input", DEMO_PASSWORDS["carol"])
+            page.click("#login_submit")
+            page.wait_for_url("**/user/carol/lab**", timeout=180_000)
+            page.locator(".jp-Launcher").wait_for(timeout=120_000)
+            labels = page.locator(".jp-LauncherCard-label").all_inner_texts()
+            assert "Python 3 (GPU: 0.25)" in labels
+            assert not any("GPU: 0.5" in t or "GPU: 1" in t for t in labels), labels
+            page.locator('.jp-SideBar [data-id="elastic-gpu-sidebar"]').click()
+            panel = page.locator("#elastic-gpu-sidebar")
+            quota = panel.locator('[data-testid="quota-text"]')
+            quota.wait_for(timeout=30_000)
+            assert "0.25" in quota.inner_text()
+            page.screenshot(path=str(tmp_path / "carol-lab.png"))
+        finally:
+            browser.close()
