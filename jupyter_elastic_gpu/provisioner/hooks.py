@@ -70,6 +70,13 @@ class WaitDisplay:
     def reset(self) -> None:
         self.handle = None
 
+    def finish(self) -> None:
+        """The cell ended while still queued (interrupted, refused): say the wait is over."""
+        if self.handle is not None:
+            text = f"Stopped waiting for a {self.fraction:g} GPU slice (left the queue)."
+            self.handle.update(self._bundle(text), raw=True)
+            self.handle = None
+
     @staticmethod
     def _bundle(text: str) -> dict:
         return {
@@ -103,7 +110,15 @@ class GPUCellHooks:
         self.shell = shell
         self.env = env
         if linger is None:
-            linger = float(env.get("ELASTIC_GPU_LINGER", DEFAULT_LINGER))
+            try:
+                linger = max(0.0, float(env.get("ELASTIC_GPU_LINGER", DEFAULT_LINGER)))
+            except ValueError:
+                log.warning(
+                    "elastic-gpu: ELASTIC_GPU_LINGER=%r is not a number of seconds; using %g",
+                    env.get("ELASTIC_GPU_LINGER"),
+                    DEFAULT_LINGER,
+                )
+                linger = DEFAULT_LINGER
         self.linger = linger
         self.session = None
         self.load_error: BaseException | None = None
@@ -140,6 +155,11 @@ class GPUCellHooks:
                 lp.notebook = notebook_name(self.env) or lp.notebook
             session.on_attach.append(self.wait_display.on_attach)
             self.session = session
+            # Programs the user starts from the kernel (`!python train.py`) must not pose as
+            # this kernel's session: they get sessions of their own.
+            if self.env is os.environ:
+                os.environ.pop("ELASTIC_GPU_SESSION_SECRET", None)
+                os.environ.pop("ELASTIC_GPU_SESSION", None)
         except BaseException as e:
             self.load_error = e
             log.error("elastic-gpu: the remote GPU client failed to load: %s", e)
@@ -174,6 +194,7 @@ class GPUCellHooks:
             )
 
     def post_run_cell(self, result=None) -> None:
+        self.wait_display.finish()
         session = self.session
         if session is None or not session.attached:
             return

@@ -56,6 +56,13 @@ class ElasticGPUProvisioner(LocalProvisioner):
         "session; an unreachable one is left to the broker's heartbeat expiry.",
     ).tag(config=True)
 
+    session_close_timeout = Float(
+        10.0,
+        help="Seconds to wait, at most, for a dead kernel's agent session to be freed; longer than "
+        "cleanup_timeout because the session's worker may still be starting (a kernel killed "
+        "right after it got its lease).",
+    ).tag(config=True)
+
     # The agent session's secret, fresh for each launch: with it the provisioner (and only
     # the kernel it launched) may free the session after the kernel died.
     session_secret = Unicode("", help="Secret of the running kernel's agent session (internal).")
@@ -126,24 +133,42 @@ class ElasticGPUProvisioner(LocalProvisioner):
 
     def free_remote(self, secret: str) -> None:
         """End this kernel's leases at the broker and its session on the agent(s)."""
-        broker, agent = self._broker, self._agent
-        addresses = [agent] if agent else []
-        if broker:
-            from ..broker.client import BrokerClient
+        if self._agent:
+            close_agent_session(
+                self._agent, self.kernel_id, secret, timeout=self.session_close_timeout
+            )
+            return
+        from ..broker.client import BrokerClient
 
-            client = BrokerClient(broker, self._token, timeout=self.cleanup_timeout)
-            for lease in client.leases():
-                if lease.get("session") != self.kernel_id or lease.get("state") == "ended":
-                    continue
+        client = BrokerClient(self._broker, self._token, timeout=self.cleanup_timeout)
+        for lease in client.leases():
+            if lease.get("session") == self.kernel_id and lease.get("state") != "ended":
                 client.release(lease["id"])
                 self.log.info(
                     "elastic-gpu: released lease %s of ended kernel %s", lease["id"], self.kernel_id
                 )
-            # The kernel gave its lease back between cells, but its tensors may still live on
-            # an agent: look for the session on every live agent of the pool.
-            addresses = [a["address"] for a in client.pool().get("agents", []) if a.get("alive")]
-        for address in addresses:
-            close_agent_session(address, self.kernel_id, secret, timeout=self.cleanup_timeout)
+        # The kernel gave its lease back between cells, but its tensors may still live on an
+        # agent: look for the session on every live agent of the pool.
+        alive = [a["address"] for a in client.pool().get("agents", []) if a.get("alive")]
+        if not any(_listed(address, self.kernel_id, self.cleanup_timeout) for address in alive):
+            return
+        # An agent that verifies lease tokens takes a hello only with a token for this session:
+        # take a lease for the moment of the close (the broker places it on the agent that
+        # holds the session). If none is free now, the agent's grace period frees the session.
+        lease = client.request(self.kernel_id, self.gpu, kernel_name="(cleanup)")
+        try:
+            if lease["state"] == "granted":
+                close_agent_session(
+                    lease["agent"]["address"], self.kernel_id, secret,
+                    token=lease.get("token"), timeout=self.session_close_timeout,
+                )  # fmt: skip
+            else:
+                self.log.info(
+                    "elastic-gpu: no GPU free to close kernel %s's agent session now; the agent frees it "
+                    "after its grace period", self.kernel_id,
+                )  # fmt: skip
+        finally:
+            client.release(lease["id"])
 
     async def get_provisioner_info(self) -> dict:
         info = await super().get_provisioner_info()
@@ -162,7 +187,9 @@ class ElasticGPUProvisioner(LocalProvisioner):
         self._token = endpoints.hub_token() if self._broker else ""
 
 
-def close_agent_session(address: str, session: str, secret: str, *, timeout: float = 3.0) -> bool:
+def close_agent_session(
+    address: str, session: str, secret: str, *, token: str | None = None, timeout: float = 3.0
+) -> bool:
     """Free ``session`` on the agent at ``address`` if it is still there; True if it was.
 
     The agent hands a connection that knows the session's secret to the session's worker
@@ -171,20 +198,21 @@ def close_agent_session(address: str, session: str, secret: str, *, timeout: flo
     (same session id) starts from a clean slate.
     """
     deadline = time.monotonic() + timeout
-    closed = False
+    closed, last_try = False, -1.0
     while True:
-        listed = _listed(address, session, timeout)
-        if not listed:
+        now = time.monotonic()
+        left = deadline - now
+        if left <= 0 or not _listed(address, session, min(left, 3.0)):
             return closed
-        if time.monotonic() > deadline:
-            return closed
-        if not closed:
-            outcome = _send_close(address, session, secret, timeout)
+        # A worker that is still starting (the kernel died between its lease and its hello)
+        # may drop our connection unanswered, or take our hello into the kernel's unfinished
+        # one: ask again every second until the session is gone.
+        if now - last_try >= 1.0:
+            last_try = now
+            outcome = _send_close(address, session, secret, token, min(left, 5.0))
             if outcome == "refused":
-                return False  # not ours to free (launched before this provisioner knew the secret)
-            # "retry": a worker still starting (the kernel died between lease and hello)
-            # may drop the connection unanswered; ask again until it is up.
-            closed = outcome == "closed"
+                return False  # wrong secret (not ours to free), or the lease token was refused
+            closed = closed or outcome == "closed"
         time.sleep(0.1)
 
 
@@ -198,16 +226,16 @@ def _listed(address: str, session: str, timeout: float) -> bool:
     return any(s.get("session") == session for s in sessions)
 
 
-def _send_close(address: str, session: str, secret: str, timeout: float) -> str:
+def _send_close(address: str, session: str, secret: str, token: str | None, timeout: float) -> str:
     from ..remote.session import parse_address
     from ..remote.wire import ProtocolError, recv_frame, send_frame
 
-    hello = {"op": "hello", "session": session, "secret": secret, "token": None, "pid": 0}
+    hello = {"op": "hello", "session": session, "secret": secret, "token": token, "pid": 0}
     try:
         with socket.create_connection(parse_address(address), timeout=timeout) as sock:
             send_frame(sock, hello)
             reply, _ = recv_frame(sock)
-            if "wrong secret" in reply.get("error", {}).get("message", ""):
+            if "error" in reply:
                 return "refused"
             send_frame(sock, {"op": "close"})
             try:

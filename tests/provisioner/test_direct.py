@@ -24,11 +24,15 @@ def test_kernel_environment(make_kernel, direct_agent):
     )
     assert reply["status"] == "ok", out
     assert "FRACTION 0.5\n" in out
-    assert f"SESSION {k.id}\n" in out
+    assert "SESSION None\n" in out, "child processes must not inherit the kernel's session"
     assert f"AGENT {direct_agent.address}\n" in out
     assert "BROKER_URL None\n" in out
     assert "LINGER 0.25\n" in out
     assert "KERNEL_NAME python3-gpu-0.5\n" in out
+    reply, out = k.run(
+        "from jupyter_elastic_gpu.remote import current_session\nprint(current_session().session_id)"
+    )
+    assert out.strip() == k.id
 
 
 def test_lease_only_while_gpu_cells_run(make_kernel, direct_agent):

@@ -133,4 +133,6 @@ def test_jupyter_server_picker_session_and_gpu_cell(server, broker):
 
     api(server, "DELETE", f"sessions/{session['id']}")
     assert leases_of(broker, kernel_id) == []
-    assert agent_session(broker.agent.address, kernel_id) is None, "shutdown frees the agent session"
+    assert agent_session(broker.agent.address, kernel_id) is None, (
+        "shutdown frees the agent session"
+    )
