@@ -8,12 +8,16 @@ Reusable beyond these tests (e.g. a full-stack test with the real hub):
 - :func:`open_lab`, :func:`open_gpu_sidebar`, :func:`set_theme`: drive the page.
 - :class:`ConsoleErrors`: collects console errors and page errors of a page.
 - ``ARTIFACTS``: screenshots go to ``test-artifacts/`` (gitignored).
+- Against a real hub (tests/ui/test_full_stack.py): :func:`hub_login` (the Hub's login form),
+  :func:`wait_for_lab` (a Lab page however it was reached), :func:`kill_processes_with_env`
+  (a safety net for processes a test started and whose parents are gone).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +130,43 @@ def set_theme(page, lab: JupyterProcess, theme: str) -> None:
     page.wait_for_selector("#jp-main-dock-panel")
     light = "true" if theme == "JupyterLab Light" else "false"
     page.wait_for_selector(f'body[data-jp-theme-light="{light}"]', state="attached")
+
+
+def wait_for_lab(page, timeout: float = 90_000) -> None:
+    """Wait until the JupyterLab shell and the GPU tab of its left side bar are there."""
+    page.wait_for_selector("#jp-main-dock-panel", timeout=timeout)
+    page.wait_for_selector(f'.jp-SideBar [data-id="{SIDEBAR_ID}"]', timeout=timeout)
+
+
+def hub_login(page, hub_url: str, user: str, password: str, timeout: float = 30_000) -> None:
+    """Log in through JupyterHub's login page, as a person does (the page then goes on to
+    spawn the server and open its default URL)."""
+    page.goto(f"{hub_url}/hub/login", timeout=timeout)
+    page.fill("#username_input", user)
+    page.fill("#password_input", password)
+    page.click("#login_submit")
+    page.wait_for_url(lambda url: "/hub/login" not in url, timeout=timeout)
+
+
+def kill_processes_with_env(marker: str) -> list[int]:
+    """SIGKILL every process of ours whose environment contains ``marker`` (e.g. a test's
+    temp state dir) and return their pids: catches servers and kernels that outlived
+    their parents. Never matches this process."""
+    me = os.getpid()
+    killed = []
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in env:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
