@@ -179,9 +179,20 @@ class GPUCellHooks:
                 file=sys.stderr,
                 flush=True,
             )
-        with self._lock:  # a release in flight ends before this cell's first GPU op
+        # A release in flight (draining the previous cell's GPU work) ends before this
+        # cell's first GPU op; say so if that takes a while rather than hang silently.
+        if not self._lock.acquire(timeout=1.0):
+            print(
+                "elastic-gpu: waiting for the previous cell's GPU work to finish…",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._lock.acquire()
+        try:
             self._cell += 1
             timer, self._timer = self._timer, None
+        finally:
+            self._lock.release()
         if timer is not None:
             timer.cancel()
         self.wait_display.reset()
