@@ -36,14 +36,15 @@ def mps_daemon_running() -> bool:
 class SessionWorker:
     """The agent's handle on one session's worker process."""
 
-    def __init__(self, agent, session, secret, gpus, fraction=1.0):
+    def __init__(self, agent, session, secret, gpus, fraction=1.0, user=None):
         self.agent, self.session, self.secret, self.gpus = agent, session, secret, gpus
-        self.user = None
+        self.user = user  # from the lease token: known before the worker process is up
         self.attached = False
-        self.fraction = 0.0
+        self.fraction = fraction
         self.connected = False
         self.fatal = False  # its CUDA context died: replaced on the next hello
         self.attaching = False
+        self.stopping = False
         self.swapped = False
         self.swap_done = threading.Event()
         self.in_use = 0
@@ -95,10 +96,14 @@ class SessionWorker:
         finally:
             self.send({"cmd": "proceed"})
 
-    def swap_out(self, timeout: float = 300.0) -> bool:
+    def swap_out(self, timeout: float = 60.0) -> bool:
         self.swap_done.clear()
         self.send({"cmd": "swap_out"})
-        return self.swap_done.wait(timeout) and self.swapped
+        return self.swap_done.wait(timeout) and self.swapped and not self.ended.is_set()
+
+    @property
+    def alive(self) -> bool:
+        return not (self.stopping or self.ended.is_set() or self.proc.poll() is not None)
 
     def hand_over(self, conn: socket.socket, hello: dict) -> None:
         socket.send_fds(
@@ -107,6 +112,7 @@ class SessionWorker:
         self.connected, self.disconnected_at = True, None
 
     def stop(self, reason: str) -> None:
+        self.stopping = True
         try:
             self.ctl.send(json.dumps({"cmd": "stop", "reason": reason}).encode())
         except OSError:
@@ -128,7 +134,7 @@ class SessionWorker:
             kind = ev.get("event")
             self.in_use = ev.get("in_use", self.in_use)
             if kind == "attaching":
-                self.user, self.fraction = ev.get("user"), ev.get("fraction", 0)
+                self.user, self.fraction = ev.get("user") or self.user, ev.get("fraction", 0)
                 self.cap = ev.get("need", 0)
                 self.attaching = True
                 threading.Thread(
@@ -171,6 +177,7 @@ class SessionWorker:
             elif kind == "disconnected":
                 self.attached, self.connected = False, False
                 self.disconnected_at = time.monotonic()
+        self.swap_done.set()  # nobody waits on a worker that is gone
         code = self.proc.wait()
         if code not in (0, None):
             why = f"signal {-code}" if code < 0 else f"exit code {code}"

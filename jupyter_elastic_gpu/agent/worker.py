@@ -198,6 +198,8 @@ class Worker:
                 cmd = json.loads(msg)
                 if cmd["cmd"] == what:
                     return cmd
+                if cmd["cmd"] == "swap_out":  # we are attaching: not idle, never swapped now
+                    self.notify(event="swapped", ok=False, in_use=self.executor.in_use)
                 if cmd["cmd"] == "stop":
                     self.shutdown(cmd.get("reason", "the agent is shutting down"))
         except TimeoutError:

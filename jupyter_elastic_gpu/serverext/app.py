@@ -243,8 +243,8 @@ def _tag_sessions(sessions: list[Any], agent: dict[str, Any], user: Any) -> list
     for s in sessions:
         if not isinstance(s, dict):
             continue
-        if user is not None and s.get("user") not in (None, user):
-            continue  # never show another user's sessions
+        if user is not None and s.get("user") != user:
+            continue  # never show another user's (or a not-yet-owned) session
         if user is None and s.get("user") is not None:
             continue
         item = dict(s)
