@@ -82,12 +82,33 @@ class DemoHub:
     """``jupyterhub -f config/jupyterhub_config.py``, unchanged, in a temp state dir on free
     ports with a CPU agent; ``ELASTIC_GPU_DEMO_API_TOKEN`` gives the test an admin token."""
 
-    def __init__(self, tmp: Path, device: str = "cpu"):
+    def __init__(self, tmp: Path, device: str = "cpu", attempts: int = 3):
         self.tmp = tmp
         self.state = tmp / "state"
+        self.device = device
+        self.admin_token = secrets.token_hex(16)
+        self.log = tmp / "jupyterhub.log"
+        self._tokens: dict[str, str] = {}
+        # Free ports are picked before the processes bind them: on a busy machine another
+        # process may take one in between. Then start again on other ports.
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start()
+                return
+            except (RuntimeError, TimeoutError):
+                kill_tree(self.proc)
+                taken = any(
+                    m in self.logs(200_000)
+                    for m in ("Failed to bind", "Address already in use", "EADDRINUSE")
+                )
+                if attempt == attempts or not taken:
+                    raise
+                with open(self.log, "a") as f:
+                    f.write(f"\n--- a port was taken; starting again (attempt {attempt + 1})\n")
+
+    def _start(self):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_token = secrets.token_hex(16)
         env = dict(os.environ)
         env.update(
             ELASTIC_GPU_STATE_DIR=str(self.state),
@@ -96,25 +117,30 @@ class DemoHub:
             ELASTIC_GPU_PROXY_API_PORT=str(free_port()),
             ELASTIC_GPU_BROKER_PORT=str(free_port()),
             ELASTIC_GPU_AGENT_PORT=str(free_port()),
-            ELASTIC_GPU_AGENT_DEVICE=device,
+            ELASTIC_GPU_AGENT_DEVICE=self.device,
             ELASTIC_GPU_DEMO_API_TOKEN=self.admin_token,
         )
         for k in ("ELASTIC_GPU_AGENT", "ELASTIC_GPU_BROKER_URL", "JUPYTERHUB_API_TOKEN"):
             env.pop(k, None)
         self.env = env
-        self.log = tmp / "jupyterhub.log"
+        self._tokens.clear()
         # from a directory that is not the repo: the config must find its files itself
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 ["jupyterhub", "-f", str(HUB_CONFIG)],
-                cwd=tmp,
+                cwd=self.tmp,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._tokens: dict[str, str] = {}
         self.wait(lambda: self._get(f"{self.url}/hub/api/").status_code == 200, 90, "the Hub")
+        # the local agent registers with the broker on its own
+        self.wait(
+            lambda: any(a["alive"] for a in self.broker("GET", "pool", "admin").json()["agents"]),
+            90,
+            "the local agent in the broker's pool",
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
     def logs(self, n: int = 6000) -> str:

@@ -31,12 +31,6 @@ def hub(tmp_path_factory):
         )
     h = DemoHub(tmp_path_factory.mktemp("newcomer"))
     try:
-        # the local agent registers with the broker on its own
-        h.wait(
-            lambda: any(a["alive"] for a in h.broker("GET", "pool", "admin").json()["agents"]),
-            90,
-            "the local agent in the broker's pool",
-        )
         yield h
     finally:
         h.stop()
