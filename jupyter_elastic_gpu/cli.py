@@ -119,7 +119,7 @@ def _broker(argv):
 def _kernelspecs(argv):
     from .provisioner.kernelspecs import main
 
-    main(argv)
+    sys.exit(main(argv))
 
 
 COMMANDS = {"agent": _agent, "run": _run, "broker": _broker, "kernelspecs": _kernelspecs}

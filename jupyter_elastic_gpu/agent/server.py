@@ -263,8 +263,8 @@ class Agent:
         if op == "inventory":
             send_frame(conn, self.inventory())
             return
-        if op == "interrupt":
-            self.interrupt(conn, hello)
+        if op in ("interrupt", "close"):
+            self.by_secret(conn, hello, op)
             return
         if op != "hello":
             self._refuse(conn, f"first request must be 'hello' or 'inventory', got {op!r}")
@@ -303,11 +303,17 @@ class Agent:
                     gpus,
                     worker.proc.pid,
                 )
-        worker.hand_over(conn, hello)
+        try:
+            worker.hand_over(conn, hello)
+        except OSError:  # the worker died between lookup and hand-over
+            self.forget(worker)
+            self._refuse(conn, "this session's worker just ended; connect again")
+            return
         self._handed[id(conn)] = True
 
-    def interrupt(self, conn, msg) -> None:
-        """Relay a client's interrupt to its worker, which is busy on the data connection."""
+    def by_secret(self, conn, msg, op) -> None:
+        """Interrupt or close a session beside its data connection (the worker may be busy, or
+        its client dead): the session secret is the proof of ownership."""
         with self.lock:
             worker = self.workers.get(msg.get("session"))
         secret = msg.get("secret")
@@ -318,7 +324,10 @@ class Agent:
         ):
             self._refuse(conn, "no such session, or wrong secret")
             return
-        worker.send({"cmd": "interrupt"})
+        if op == "interrupt":
+            worker.send({"cmd": "interrupt"})
+        else:
+            worker.stop("closed by its owner")
         send_frame(conn, {"ok": True})
 
     @staticmethod

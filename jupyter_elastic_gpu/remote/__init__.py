@@ -24,6 +24,7 @@ def attach(
     broker: str | None = None,
     token: str | None = None,
     session_id: str | None = None,
+    secret: str | None = None,
     lease_provider=None,
 ) -> RemoteSession:
     """Make ``device="cuda"`` mean the remote GPU in this process.
@@ -54,7 +55,12 @@ def attach(
         detach()
     from . import cuda_facade
 
-    sess = RemoteSession(lease_provider, session_id=session_id, fraction=fraction)
+    sess = RemoteSession(
+        lease_provider,
+        session_id=session_id,
+        fraction=fraction,
+        secret=secret or env.get("ELASTIC_GPU_SESSION_SECRET"),
+    )
     backend._session = sess
     cuda_facade.install(sess)
     return sess

@@ -91,12 +91,15 @@ class RemoteSession:
         *,
         session_id: str | None = None,
         fraction: float = 1.0,
+        secret: str | None = None,
         connect_timeout: float = 10.0,
         reply_timeout: float | None = None,
     ):
         self.lease_provider = lease_provider
         self.session_id = session_id or secrets.token_hex(8)
-        self.secret = secrets.token_urlsafe(24)
+        # Whoever knows the secret may reconnect to, interrupt or close this session (the
+        # provisioner passes it so it can free a dead kernel's session).
+        self.secret = secret or secrets.token_urlsafe(24)
         self.fraction = fraction
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout

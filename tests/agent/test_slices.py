@@ -212,3 +212,26 @@ def test_inventory_describes_the_cpu_stand_in(agent):
     } <= gpu.keys()
     if inv["agent"]["device"] == "cpu":
         assert "CPU" in gpu["name"] and gpu["memory_total"] > 0
+
+
+def test_the_session_secret_closes_a_session_beside_its_connection(make_agent):
+    import socket as _socket
+
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession, parse_address
+    from jupyter_elastic_gpu.remote.wire import recv_frame, send_frame
+
+    agent = make_agent()
+    s = RemoteSession(DirectLease(agent.address, 0.5), secret="owner-secret")
+    s.attach()
+
+    def close(secret):
+        with _socket.create_connection(parse_address(agent.address), timeout=30) as c:
+            send_frame(c, {"op": "close", "session": s.session_id, "secret": secret})
+            return recv_frame(c)[0]
+
+    assert "wrong secret" in close("guess")["error"]["message"]
+    assert close("owner-secret").get("ok")
+    deadline = time.monotonic() + 20
+    while query_inventory(agent.address)["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert query_inventory(agent.address)["sessions"] == []
