@@ -325,6 +325,7 @@ class SessionExecutor:
                 "offset": v.storage_offset(),
                 "dtype": DTYPE_NAMES[v.dtype],
                 "nbytes": v.untyped_storage().nbytes(),
+                "dev": self.devices.index(v.device) if v.device in self.devices else 0,
             }
         if isinstance(v, tuple):
             return {"tuple": [self._describe(x, inputs) for x in v]}

@@ -291,10 +291,11 @@ class Agent:
                 except HelloRejected as e:
                     self._refuse(conn, str(e))
                     return
-                gpus = claims.get("gpus") or [0]
+                # Open mode has no broker placement: a lease above 1 takes the first GPUs.
                 fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
+                gpus = claims.get("gpus") or list(range(int(fraction) if fraction > 1 else 1))
                 worker = self.workers[session] = SessionWorker(
-                    self, session, secret, gpus, fraction
+                    self, session, secret, gpus, fraction, claims.get("user")
                 )
                 log.info(
                     "session %s started (user %s, gpus %s, pid %d)",
@@ -360,7 +361,7 @@ class Agent:
             if resident + need <= total:
                 return
             idle = sorted(
-                (w for w in same if not (w.attached or w.attaching or w.swapped)),
+                (w for w in same if w.alive and not (w.attached or w.attaching or w.swapped)),
                 key=lambda w: w.last_used,
             )
             if not idle:

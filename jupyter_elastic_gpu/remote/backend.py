@@ -40,19 +40,20 @@ class RemoteTensor(torch.Tensor):
     """A tensor whose data lives on the agent; ``_rid`` names it within the session."""
 
     @staticmethod
-    def __new__(cls, sess, rid, size, stride, offset, dtype, nbytes):
+    def __new__(cls, sess, rid, size, stride, offset, dtype, nbytes, index=0):
         r = torch.Tensor._make_wrapper_subclass(
             cls,
             size,
             strides=stride,
             storage_offset=offset,
             dtype=dtype,
-            device=sess.torch_device,
+            device=sess.devices[index],
             requires_grad=False,
         )
         r._sess = sess
         r._rid = rid
         r._nbytes = nbytes
+        r._idx = index  # which of the session's GPUs (cuda:N): a lease above 1 has several
         return r
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -69,7 +70,7 @@ class RemoteTensor(torch.Tensor):
     # Users wrote "cuda"; show them "cuda". torch internals use the C++ device (egpu).
     @property
     def device(self):
-        return torch.device("cuda", torch.Tensor.device.__get__(self).index or 0)
+        return torch.device("cuda", self._idx)
 
     @property
     def is_cuda(self):
@@ -215,12 +216,12 @@ def _meta_of(t):
     return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.untyped_storage().nbytes())
 
 
-def _build(spec, inputs, ids, sess):
+def _build(spec, inputs, ids, sess, idx=0):
     kind = spec[0]
     if kind == "n":
         rid = sess.new_id()
         ids.append(rid)
-        return RemoteTensor(sess, rid, spec[1], spec[2], spec[3], spec[4], spec[5])
+        return RemoteTensor(sess, rid, spec[1], spec[2], spec[3], spec[4], spec[5], idx)
     if kind == "a":
         ids.append(0)
         x = inputs[spec[1]]
@@ -229,7 +230,7 @@ def _build(spec, inputs, ids, sess):
             _restride(x, size, stride, offset, dtype, nbytes, sess)
         return x
     if kind == "l":
-        return spec[1](_build(s, inputs, ids, sess) for s in spec[2])
+        return spec[1](_build(s, inputs, ids, sess, idx) for s in spec[2])
     return spec[1]
 
 
@@ -245,7 +246,7 @@ _CPU_TENSOR_ARGS_OK = {
 
 def _restride(x, size, stride, offset, dtype, nbytes, sess):
     """Give wrapper ``x`` new metadata in place (``.data =`` shallow-copies a TensorImpl)."""
-    donor = RemoteTensor(sess, 0, size, stride, offset, dtype, nbytes)
+    donor = RemoteTensor(sess, 0, size, stride, offset, dtype, nbytes, x._idx)
     x.data = donor
     x._nbytes = nbytes
 
@@ -288,7 +289,16 @@ def _forward(func, args, kwargs):
     if spec is _SYNC:
         return sess.call(func, eargs, ekwargs, bufs, inputs)
     ids = []
-    out = _build(spec, inputs, ids, sess)
+    # Outputs live where the op runs: an explicit device argument, else its first input's GPU.
+    d = kwargs.get("device")
+    idx = (
+        d.index or 0
+        if type(d) is torch.device and d.type == BACKEND
+        else inputs[0]._idx
+        if inputs
+        else 0
+    )
+    out = _build(spec, inputs, ids, sess, idx)
     sess.enqueue(func, eargs, ekwargs, ids, bufs)
     return out
 

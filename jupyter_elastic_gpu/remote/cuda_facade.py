@@ -396,7 +396,7 @@ def install(session) -> None:
         **{n: getattr(facade, n) for n in dir(facade) if not n.startswith("__")}
     )
     backend.register_backend(module)
-    session.torch_device = torch.device(BACKEND, 0)
+    session.devices = [torch.device(BACKEND, i) for i in range(facade.device_count())]
     # torch._register_device_module keeps the first module: point it at this session.
     dev_mod = getattr(torch, BACKEND)
     for n in dir(facade):

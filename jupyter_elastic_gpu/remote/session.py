@@ -105,8 +105,7 @@ class RemoteSession:
         self.reply_timeout = reply_timeout
         # A cut network or dead agent surfaces as an error after about this many seconds.
         self.net_timeout = float(os.environ.get("ELASTIC_GPU_NET_TIMEOUT", 20))
-        self.device_index = 0
-        self.torch_device = None  # set by cuda_facade.install once the backend exists
+        self.devices: list = []  # egpu:0..n-1, set by cuda_facade.install once the backend exists
         self.info: dict = {}
         self.freed: list[int] = []
         self.attached = False
@@ -288,6 +287,7 @@ class RemoteSession:
                     v["offset"],
                     DTYPES[v["dtype"]],
                     v["nbytes"],
+                    v.get("dev", 0),
                 )
             if "tuple" in v:
                 return tuple(self._decode_result(x, by_id) for x in v["tuple"])

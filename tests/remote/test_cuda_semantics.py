@@ -195,3 +195,13 @@ def test_interrupt_stops_queued_remote_work_and_the_next_call_works(remote):
         x.sum().item()  # the interrupted chain was dropped, as the user asked
     assert torch.ones(3, device="cuda").sum().item() == 3.0
     assert __import__("time").monotonic() - t0 < 30
+
+
+def test_a_lease_above_one_gpu_shows_several_devices(agent, own_session):
+    with own_session(agent.address, 2.0):
+        assert torch.cuda.device_count() == 2
+        x = torch.ones(3, device="cuda:1")
+        assert x.device == torch.device("cuda", 1) and (x * 2).device.index == 1
+        y = x.to("cuda:0")
+        assert y.device.index == 0 and y.sum().item() == 3.0
+        assert torch.zeros(2).cuda(1).device.index == 1
