@@ -119,7 +119,7 @@ def _broker(argv):
 def _kernelspecs(argv):
     from .provisioner.kernelspecs import main
 
-    sys.exit(main(argv))
+    return main(argv)
 
 
 COMMANDS = {"agent": _agent, "run": _run, "broker": _broker, "kernelspecs": _kernelspecs}
@@ -137,8 +137,7 @@ def main(argv=None):
             file=sys.stderr,
         )
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
-    COMMANDS[argv[0]](argv[1:])
-    return 0
+    return COMMANDS[argv[0]](argv[1:]) or 0
 
 
 if __name__ == "__main__":
