@@ -32,7 +32,7 @@
 #   ELASTIC_GPU_BROKER_PORT      [8090]
 #   ELASTIC_GPU_AGENT_PORT       [7070]
 #   ELASTIC_GPU_AGENT_DEVICE     [auto]   auto | cuda | cpu
-#   ELASTIC_GPU_DEMO_API_TOKEN   [unset]  if set: an admin API token (service "demo-api"),
+#   ELASTIC_GPU_DEMO_API_TOKEN   [unset]  if set (8+ characters): an admin API token (service "demo-api"),
 #                                         for scripts and the end-to-end test
 #
 # This is a demo: SimpleLocalProcessSpawner gives users no isolation from each other and
