@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
+
+from jupyter_elastic_gpu.agent.local import LocalAgent
 
 WORKLOADS = r"""
 import json, sys, time, torch
@@ -91,12 +91,6 @@ print("RESULT " + json.dumps(res))
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(mode, name, quick, address, device):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if mode == "remote":
@@ -121,28 +115,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test on a CPU agent)")
     ap.add_argument("--workloads", default="small_ops,transformer_step,matmul")
     opts = ap.parse_args(argv)
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyter_elastic_gpu",
-            "agent",
-            "--device",
-            opts.device,
-            "--listen",
-            address,
-        ],
-        stderr=subprocess.DEVNULL,
-    )
+    agent = LocalAgent(device=opts.device, quiet=True)
+    address = agent.address
     try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         results = {}
         for name in opts.workloads.split(","):
             native = run("native", name, opts.quick, address, opts.device)
@@ -164,8 +139,7 @@ def main(argv=None):
                 flush=True,
             )
     finally:
-        agent.terminate()
-        agent.wait()
+        agent.stop()
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(results, f, indent=1)

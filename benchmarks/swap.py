@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 
 from jupyter_elastic_gpu.agent.client import query_inventory
+from jupyter_elastic_gpu.agent.local import LocalAgent
 
 CLIENT = textwrap.dedent("""
     import sys, time, torch
@@ -119,33 +119,11 @@ def main(argv=None):
     ap.add_argument("--cpu-memory-gib", default="4")
     ap.add_argument("--out", default=None)
     opts = ap.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyter_elastic_gpu",
-            "agent",
-            "--device",
-            opts.device,
-            "--listen",
-            address,
-            "--cpu-memory-gib",
-            opts.cpu_memory_gib,
-        ]
-    )
+    agent = LocalAgent("--cpu-memory-gib", opts.cpu_memory_gib, device=opts.device)
+    address = agent.address
     results = {"pcie": pcie_bandwidth(), "swap": [], "concurrent": None}
     print("PCIe (pinned, same GPU):", results["pcie"], flush=True)
     try:
-        for _ in range(600):
-            try:
-                query_inventory(address)
-                break
-            except OSError:
-                time.sleep(0.1)
         for gib in map(float, opts.sizes.split(",")):
             n0 = len(query_inventory(address)["agent"]["swaps"])
             a = Client(address, 0.5, gib)
@@ -193,8 +171,7 @@ def main(argv=None):
         for cl in (a, b, c):
             cl.quit()
     finally:
-        agent.terminate()
-        agent.wait()
+        agent.stop()
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(results, f, indent=1)

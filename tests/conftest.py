@@ -7,66 +7,19 @@ CUDA hidden, as a kernel on a CPU node would); tests marked ``gpu`` skip otherwi
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
+
+from jupyter_elastic_gpu.agent.local import LocalAgent, free_port, wait_for_port  # noqa: F401
 
 AGENT_DEVICE = os.environ.get("ELASTIC_GPU_TEST_DEVICE", "cpu")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class AgentProcess(LocalAgent):
+    """The agent the tests use: on the device the test run asks for (cpu unless told)."""
 
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
-
-
-class AgentProcess:
     def __init__(self, *extra, device=AGENT_DEVICE, env=None):
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        agent_env = dict(os.environ, **(env or {}))
-        agent_env.pop("CUDA_VISIBLE_DEVICES", None) if device == "cuda" else None
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter_elastic_gpu",
-                "agent",
-                "--device",
-                device,
-                "--listen",
-                self.address,
-                *extra,
-            ],
-            env=agent_env,
-            start_new_session=True,
-        )
-        wait_for_port(self.port, self.proc)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        super().__init__(*extra, device=device, env=env)
 
 
 @pytest.fixture(scope="session")

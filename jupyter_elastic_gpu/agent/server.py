@@ -445,6 +445,9 @@ def run_agent(opts) -> None:
         namespaces=["aten", "prims", *filter(None, opts.allow_namespace or [])],
     )
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
+    if not gpus:
+        log.error("--device cuda, but no GPU is visible (NVML found none): use --device cpu or auto")
+        sys.exit(2)
     log.info(
         "agent %s listening on %s, device=%s (%s)%s",
         agent.agent_id,
