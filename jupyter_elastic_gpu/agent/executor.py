@@ -112,7 +112,7 @@ class SessionExecutor:
         # allocator does it for us (CPU mode), and reports memory_allocated.
         self.cap_bytes: int | None = None
         self.slice_cap = 0
-        self.cancelled = False  # an interrupt arrived: drop queued work until the next request
+        self.cancelled = False  # the batch running now was interrupted: skip the rest of it
         self.cuda = any(d.type == "cuda" for d in devices)
         self._inflight: collections.deque = collections.deque()
         self.slice_name = "this slice"
@@ -212,6 +212,7 @@ class SessionExecutor:
         outputs are never produced) so that an interrupt stops queued work promptly."""
         if not isinstance(ops, list):
             raise ProtocolError("batch ops must be a list")
+        self.cancelled = False
         for i, rec in enumerate(ops):
             if isinstance(rec, list) and len(rec) == 2 and rec[0] == "-":
                 self.free(rec[1])  # tensors the client dropped, in stream order

@@ -326,7 +326,7 @@ class Agent:
             self._refuse(conn, "no such session, or wrong secret")
             return
         if op == "interrupt":
-            worker.send({"cmd": "interrupt"})
+            worker.send({"cmd": "interrupt", "epoch": msg.get("epoch")})
         else:
             worker.stop("closed by its owner")
         send_frame(conn, {"ok": True})
@@ -446,7 +446,9 @@ def run_agent(opts) -> None:
     )
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
     if not gpus:
-        log.error("--device cuda, but no GPU is visible (NVML found none): use --device cpu or auto")
+        log.error(
+            "--device cuda, but no GPU is visible (NVML found none): use --device cpu or auto"
+        )
         sys.exit(2)
     log.info(
         "agent %s listening on %s, device=%s (%s)%s",

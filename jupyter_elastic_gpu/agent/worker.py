@@ -51,6 +51,8 @@ class Worker:
         self.cap_bytes = 0
         self.client: socket.socket | None = None
         self.fatal = False
+        self.cancel_epoch = 0  # batches of an older epoch than this were interrupted
+        self.batch_epoch = 0
         self.swapped = False
         self.last_swap_in = None
         self.ctl = socket.socket(fileno=opts.control_fd)
@@ -127,15 +129,16 @@ class Worker:
         elif cmd["cmd"] == "swap_out":
             self.swap_out()
         elif cmd["cmd"] == "interrupt":
-            self.executor.cancelled = True
+            # Work queued before the interrupt (an older epoch) is dropped; newer work is not,
+            # so an interrupt that finds the worker idle cannot poison the next cell.
+            epoch = cmd.get("epoch")
+            self.cancel_epoch = max(self.cancel_epoch, epoch if type(epoch) is int else 0)
 
     def interrupted(self) -> bool:
-        """Poll the control socket without blocking: has the client interrupted?"""
-        if self.executor.cancelled:
-            return True
+        """Poll the control socket without blocking: was the batch running now interrupted?"""
         while select.select([self.ctl], [], [], 0)[0]:
             self.on_control()
-        return self.executor.cancelled
+        return self.batch_epoch < self.cancel_epoch
 
     def swap_out(self):
         """Move this idle session's tensors to (pinned) host memory and free its GPU memory."""
@@ -275,9 +278,10 @@ class Worker:
         if not self.attached:
             raise PermissionError("this session holds no GPU lease; attach first")
         if op == "batch":
+            epoch = h.get("epoch", 0)
+            self.batch_epoch = epoch if type(epoch) is int else 0
             ex.run_batch(h.get("ops", []), bufs, h.get("free", []), self.interrupted)
             return None  # batches are fire-and-forget
-        ex.cancelled = False  # the client's next request ends what an interrupt dropped
         if ex.error is not None and op != "detach":
             # A sync point: the first queued op that failed is the error to report.
             return self.reply({"error": ex.take_error()})

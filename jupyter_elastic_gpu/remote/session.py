@@ -117,6 +117,7 @@ class RemoteSession:
         self._buf_bytes = 0
         self._lock = threading.RLock()
         self._owed_replies = 0  # replies of requests abandoned by an interrupt
+        self.epoch = 0  # bumped by each interrupt; batches carry it
         self._closed = False
         self.stats = {"ops": 0, "batches": 0, "requests": 0}
         self.on_attach = []  # callbacks(session) after a lease is taken
@@ -151,7 +152,7 @@ class RemoteSession:
             self.freed.clear()
             return
         freed, self.freed = self.freed, []
-        header = {"op": "batch", "ops": self._pending, "free": freed}
+        header = {"op": "batch", "ops": self._pending, "free": freed, "epoch": self.epoch}
         self.stats["batches"] += 1
         bufs = [b.view(-1).view(torch.uint8).numpy() if b.numel() else b"" for b in self._bufs]
         self._pending, self._bufs, self._buf_bytes = [], [], 0
@@ -297,10 +298,17 @@ class RemoteSession:
         """Ask the agent to drop this session's queued work (sent beside the data connection)."""
         self._pending.clear()
         self._bufs, self._buf_bytes = [], 0
+        self.epoch += 1  # everything sent before now belongs to the interrupted epoch
         try:
             with socket.create_connection(parse_address(self.address), timeout=5) as s:
                 send_frame(
-                    s, {"op": "interrupt", "session": self.session_id, "secret": self.secret}
+                    s,
+                    {
+                        "op": "interrupt",
+                        "session": self.session_id,
+                        "secret": self.secret,
+                        "epoch": self.epoch,
+                    },
                 )
                 recv_frame(s)
         except (OSError, ConnectionError):

@@ -205,3 +205,11 @@ def test_a_lease_above_one_gpu_shows_several_devices(agent, own_session):
         y = x.to("cuda:0")
         assert y.device.index == 0 and y.sum().item() == 3.0
         assert torch.zeros(2).cuda(1).device.index == 1
+
+
+def test_an_interrupt_that_finds_the_agent_idle_does_not_touch_later_work(remote):
+    x = torch.ones(4, device="cuda")
+    assert x.sum().item() == 4.0
+    remote.interrupt()  # e.g. Ctrl-C just as the work had finished
+    y = x * 3
+    assert y.sum().item() == 12.0
