@@ -85,13 +85,16 @@ class WaitDisplay:
         }
 
     def on_wait(self, lease: dict) -> None:
-        from IPython.display import display
+        from IPython.display import DisplayHandle
 
         self.fraction = lease.get("fraction", 0)
         bundle = self._bundle(describe_wait(lease))
         if self.handle is None:
             self.since = time.monotonic()
-            self.handle = display(bundle, raw=True, display_id=True)
+            # Keep the handle before sending: an interrupt landing mid-display must still
+            # find it in finish(), or the cell would keep saying it is waiting.
+            self.handle = DisplayHandle()
+            self.handle.display(bundle, raw=True)
         else:
             self.handle.update(bundle, raw=True)
 
