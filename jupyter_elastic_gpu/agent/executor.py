@@ -349,9 +349,6 @@ class SessionExecutor:
         )
         return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, raw.numpy()
 
-    def bytes_in_use(self) -> int:
-        return self.in_use
-
     # -- swapping an idle session's tensors between device and host ----------------------
     def move_storages(self, device: torch.device, pin: bool) -> int:
         """Move every live storage to ``device``, keeping views aliased; return bytes moved.

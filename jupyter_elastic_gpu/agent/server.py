@@ -151,27 +151,11 @@ class SessionWorker:
             elif kind == "swapped":
                 self.swapped = bool(ev.get("ok")) or self.swapped
                 if ev.get("ok"):
-                    self.agent.swap_stats.append(
-                        {"direction": "out", "bytes": ev["bytes"], "seconds": ev["seconds"]}
-                    )
-                    log.info(
-                        "session %s swapped out: %.1f MiB in %.3fs",
-                        self.session,
-                        ev["bytes"] / 2**20,
-                        ev["seconds"],
-                    )
+                    self._record_swap("out", ev)
                 self.swap_done.set()
             elif kind == "swapped_in":
                 self.swapped = False
-                self.agent.swap_stats.append(
-                    {"direction": "in", "bytes": ev["bytes"], "seconds": ev["seconds"]}
-                )
-                log.info(
-                    "session %s swapped in: %.1f MiB in %.3fs",
-                    self.session,
-                    ev["bytes"] / 2**20,
-                    ev["seconds"],
-                )
+                self._record_swap("in", ev)
             elif kind == "fatal":
                 self.fatal = True
             elif kind == "disconnected":
@@ -184,6 +168,18 @@ class SessionWorker:
             log.warning("worker of session %s ended with %s", self.session, why)
         self.ended.set()
         self.agent.forget(self)
+
+    def _record_swap(self, direction: str, ev: dict) -> None:
+        self.agent.swap_stats.append(
+            {"direction": direction, "bytes": ev["bytes"], "seconds": ev["seconds"]}
+        )
+        log.info(
+            "session %s swapped %s: %.1f MiB in %.3fs",
+            self.session,
+            direction,
+            ev["bytes"] / 2**20,
+            ev["seconds"],
+        )
 
     def describe(self) -> dict:
         return {

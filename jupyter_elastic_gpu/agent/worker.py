@@ -360,7 +360,7 @@ class Worker:
                 "max_allocated": torch.cuda.max_memory_allocated(d),
                 "cap": self.cap_bytes,
             }
-        used = self.executor.bytes_in_use()
+        used = self.executor.in_use
         return {
             "allocated": used,
             "reserved": used,

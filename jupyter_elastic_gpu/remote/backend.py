@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
-from .wire import DTYPE_NAMES, DTYPES, MEMORY_FORMAT_NAMES
+from .wire import DTYPE_NAMES, MEMORY_FORMAT_NAMES
 
 BACKEND = "egpu"
 
@@ -393,7 +393,3 @@ def register_backend(backend_module) -> None:
     if RemoteTensor not in optimizer._foreach_supported_types:
         optimizer._foreach_supported_types.append(RemoteTensor)
     _registered = True
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    return DTYPES[name]

@@ -148,11 +148,6 @@ def set_liveness(sock: socket.socket, timeout: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
-def tensor_meta(t: torch.Tensor) -> dict:
-    """Describe a CPU tensor's bytes as they travel: always dense, in row-major order."""
-    return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
-
-
 def tensor_from_buffer(meta: dict, buf) -> torch.Tensor:
     """Rebuild a CPU tensor from a described raw buffer, validating every claim."""
     if not isinstance(meta, dict):
