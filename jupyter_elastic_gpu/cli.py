@@ -1,4 +1,4 @@
-"""``jupyter-elastic-gpu`` (also ``jupyter elastic-gpu``): agent, broker, kernelspecs, run."""
+"""``jupyter-elastic-gpu`` (also ``jupyter elastic-gpu``): agent, broker, kernelspecs, run, tls-certs."""
 
 from __future__ import annotations
 
@@ -64,9 +64,27 @@ def _agent(argv):
         action="append",
         help="also allow ops of this torch.ops namespace (aten and prims always are)",
     )
+    p.add_argument(
+        "--tls-cert",
+        default=None,
+        help="PEM certificate (chain) of this agent: the data plane then takes TLS connections only "
+        "(clients set ELASTIC_GPU_TLS_CA); `jupyter-elastic-gpu tls-certs` makes a set",
+    )
+    p.add_argument(
+        "--tls-key", default=None, help="private key of --tls-cert, if not in the same file"
+    )
+    p.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="also require a client certificate signed by this CA (mutual TLS, as JupyterHub's "
+        "internal_ssl does); kernels then set ELASTIC_GPU_TLS_CERT and ELASTIC_GPU_TLS_KEY",
+    )
+    opts = p.parse_args(argv)
+    if (opts.tls_key or opts.tls_client_ca) and not opts.tls_cert:
+        p.error("--tls-key and --tls-client-ca need --tls-cert")
     from .agent.server import run_agent
 
-    run_agent(p.parse_args(argv))
+    run_agent(opts)
 
 
 def _run(argv):
@@ -122,18 +140,31 @@ def _kernelspecs(argv):
     return main(argv)
 
 
-COMMANDS = {"agent": _agent, "run": _run, "broker": _broker, "kernelspecs": _kernelspecs}
+def _tls_certs(argv):
+    from .agent.certs import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "agent": _agent,
+    "run": _run,
+    "broker": _broker,
+    "kernelspecs": _kernelspecs,
+    "tls-certs": _tls_certs,
+}
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: jupyter-elastic-gpu {agent,broker,kernelspecs,run} ...\n\n"
+            "usage: jupyter-elastic-gpu {agent,broker,kernelspecs,run,tls-certs} ...\n\n"
             "  agent        serve GPU slices on this node (--device cuda|cpu)\n"
             "  broker       the quota/lease service (normally started by JupyterHub)\n"
             "  kernelspecs  install 'Python 3 (GPU: 0.5)' kernelspecs\n"
-            "  run          run a Python program with a remote GPU: run --gpu 0.5 --agent H:P -- python x.py",
+            "  run          run a Python program with a remote GPU: run --gpu 0.5 --agent H:P -- python x.py\n"
+            "  tls-certs    make a CA and certificates for TLS on the data plane",
             file=sys.stderr,
         )
         return 2 if argv and argv[0] not in ("-h", "--help") else 0

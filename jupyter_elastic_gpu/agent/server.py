@@ -14,12 +14,14 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import uuid
 
+from ..remote.tls import TLS_RECORD_HANDSHAKE, server_context
 from ..remote.wire import ProtocolError, recv_frame, send_frame, set_liveness
 from .auth import HelloRejected, check_hello
 from .inventory import gpu_inventory
@@ -78,6 +80,8 @@ class SessionWorker:
             "--namespaces",
             ",".join(agent.namespaces),
         ]
+        if agent.tls_files:
+            cmd += ["--tls", ",".join(f or "" for f in agent.tls_files)]
         self.proc = subprocess.Popen(
             cmd, pass_fds=[child.fileno()], env=env, start_new_session=True
         )
@@ -105,10 +109,9 @@ class SessionWorker:
     def alive(self) -> bool:
         return not (self.stopping or self.ended.is_set() or self.proc.poll() is not None)
 
-    def hand_over(self, conn: socket.socket, hello: dict) -> None:
-        socket.send_fds(
-            self.ctl, [json.dumps({"cmd": "conn", "hello": hello}).encode()], [conn.fileno()]
-        )
+    def hand_over(self, conn: socket.socket, hello: dict, tls: bool = False) -> None:
+        cmd = {"cmd": "conn", "hello": hello, "tls": tls, "secret": self.secret}
+        socket.send_fds(self.ctl, [json.dumps(cmd).encode()], [conn.fileno()])
         self.connected, self.disconnected_at = True, None
 
     def stop(self, reason: str) -> None:
@@ -209,8 +212,14 @@ class Agent:
         session_grace=60.0,
         hello_timeout=10.0,
         swap_policy="pressure",
+        tls_cert=None,
+        tls_key=None,
+        tls_client_ca=None,
     ):
         self.device = device
+        # Workers load the same files: each terminates TLS for its own session's connection.
+        self.tls_files = [tls_cert, tls_key, tls_client_ca] if tls_cert else None
+        self.tls = server_context(tls_cert, tls_key, tls_client_ca) if tls_cert else None
         self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:8]}"
         self.lease_secret = lease_secret.encode() if isinstance(lease_secret, str) else lease_secret
         self.namespaces = list(namespaces)
@@ -248,27 +257,80 @@ class Agent:
     # -- connections -------------------------------------------------------------------------
     def on_connection(self, conn: socket.socket) -> None:
         conn.settimeout(self.hello_timeout)
+        if self.tls is None:
+            if self._first_request(conn):
+                self._handed[id(conn)] = True
+            return
+        stream = self._start_tls(conn)  # takes over conn's descriptor
+        if stream is not None:
+            try:
+                self._first_request(stream)
+            finally:
+                stream.close()  # after a hand-over the worker holds its own copy
+
+    def _first_request(self, conn) -> bool:
+        """Answer the connection's first request; True when it was handed to a worker."""
         try:
             hello, _ = recv_frame(conn)
         except (ProtocolError, OSError, ConnectionError, ValueError) as e:
             self._refuse(conn, f"bad first frame: {e}")
-            return
+            return False
         conn.settimeout(None)
         set_liveness(conn, 20.0)  # a vanished client is noticed even if it never sends FIN
         op = hello.get("op")
         if op == "inventory":
             send_frame(conn, self.inventory())
-            return
+            return False
         if op in ("interrupt", "close"):
             self.by_secret(conn, hello, op)
-            return
+            return False
         if op != "hello":
             self._refuse(conn, f"first request must be 'hello' or 'inventory', got {op!r}")
-            return
+            return False
+        worker = self._session_worker(conn, hello)
+        if worker is None:
+            return False
+        if self.tls is not None:
+            # TLS state cannot cross processes: end this TLS layer; the worker starts its own.
+            try:
+                conn.settimeout(self.hello_timeout)
+                send_frame(conn, {"handover": "tls"})
+                conn.unwrap()
+            except (OSError, ValueError) as e:
+                log.info("session %s: client left during the TLS hand-over: %s", worker.session, e)
+                return False
+        try:
+            worker.hand_over(conn, hello, tls=self.tls is not None)
+        except OSError:  # the worker died between lookup and hand-over
+            self.forget(worker)
+            self._refuse(conn, "this session's worker just ended; connect again")
+            return False
+        return True
+
+    def _start_tls(self, conn):
+        """TLS for a new connection; a plaintext client is told, in plaintext, what is wrong."""
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None  # a port probe: connected and left
+            if first[0] != TLS_RECORD_HANDSHAKE:
+                self._refuse(
+                    conn,
+                    "this agent requires TLS on the data plane: set ELASTIC_GPU_TLS_CA to the CA "
+                    "that signed the agent's certificate",
+                )
+                return None
+            return self.tls.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.info("TLS handshake failed: %s", e)
+            return None
+
+    def _session_worker(self, conn, hello) -> SessionWorker | None:
+        """The worker of the session ``hello`` names, started if new; None after refusing."""
         session, secret = hello.get("session"), hello.get("secret")
         if not (isinstance(session, str) and 0 < len(session) <= 128 and isinstance(secret, str)):
             self._refuse(conn, "hello needs a session id and a session secret")
-            return
+            return None
         with self.lock:
             worker = self.workers.get(session)
         if worker is not None and (worker.fatal or worker.proc.poll() is not None):
@@ -280,13 +342,13 @@ class Agent:
                 worker.secret.encode(), secret.encode()
             ):
                 self._refuse(conn, "wrong secret for this session")
-                return
+                return None
             if worker is None:
                 try:
                     claims = check_hello(hello, self.lease_secret, self.agent_id, session, None)
                 except HelloRejected as e:
                     self._refuse(conn, str(e))
-                    return
+                    return None
                 # Open mode has no broker placement: a lease above 1 takes the first GPUs.
                 fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
                 gpus = claims.get("gpus") or list(range(int(fraction) if fraction > 1 else 1))
@@ -300,13 +362,7 @@ class Agent:
                     gpus,
                     worker.proc.pid,
                 )
-        try:
-            worker.hand_over(conn, hello)
-        except OSError:  # the worker died between lookup and hand-over
-            self.forget(worker)
-            self._refuse(conn, "this session's worker just ended; connect again")
-            return
-        self._handed[id(conn)] = True
+        return worker
 
     def by_secret(self, conn, msg, op) -> None:
         """Interrupt or close a session beside its data connection (the worker may be busy, or
@@ -429,6 +485,13 @@ def run_agent(opts) -> None:
     if opts.lease_secret_file:
         with open(opts.lease_secret_file) as f:
             secret = f.read().strip()
+    if opts.tls_cert:
+        try:
+            server_context(opts.tls_cert, opts.tls_key, opts.tls_client_ca)
+        except (OSError, ssl.SSLError) as e:
+            files = [f for f in (opts.tls_cert, opts.tls_key, opts.tls_client_ca) if f]
+            log.error("cannot use the TLS files %s: %s", ", ".join(files), e)
+            sys.exit(2)
     agent = Agent(
         device=device,
         host=host.strip("[]") or "127.0.0.1",
@@ -439,6 +502,9 @@ def run_agent(opts) -> None:
         session_grace=opts.session_grace,
         swap_policy=opts.swap_policy,
         namespaces=["aten", "prims", *filter(None, opts.allow_namespace or [])],
+        tls_cert=opts.tls_cert,
+        tls_key=opts.tls_key,
+        tls_client_ca=opts.tls_client_ca,
     )
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
     if not gpus:
@@ -456,6 +522,11 @@ def run_agent(opts) -> None:
         if agent.mps and device == "cuda"
         else "",
     )
+    if opts.tls_cert:
+        log.info(
+            "data plane: TLS%s",
+            " with client certificates required" if opts.tls_client_ca else "",
+        )
     if not secret:
         log.warning(
             "no lease secret: any client that can reach %s may use this agent "

@@ -8,17 +8,20 @@ only this session. The agent talks to the worker over a control socket (swap, st
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import select
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import time
 
 import torch
 
+from ..remote.tls import GO_AHEAD, server_context
 from ..remote.wire import ProtocolError, recv_frame, send_frame
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
@@ -43,6 +46,7 @@ class Worker:
 
         attention.register(self.device_kind)
         self.executor = SessionExecutor(self.devices, OpResolver(opts.namespaces.split(",")))
+        self.tls = None  # the server context, loaded at the first TLS connection
         self.lease_secret = os.environ.pop("ELASTIC_GPU_LEASE_SECRET", "").encode() or None
         self.user = None
         self.expires = None  # unix time the lease token runs out (None in open mode)
@@ -108,22 +112,26 @@ class Worker:
         if cmd["cmd"] == "conn":
             conn = socket.socket(fileno=fds[0])
             conn.setblocking(True)
+            hello = cmd["hello"]
             try:  # a refused newcomer must not cost the owner its connection
-                check_hello(
-                    cmd["hello"], self.lease_secret, self.opts.agent_id, self.session, self.user
-                )
-            except HelloRejected as e:
-                send_frame(
-                    conn, {"error": {"type": "PermissionError", "message": str(e), "op": None}}
-                )
-                conn.close()
+                if cmd.get("tls"):
+                    conn = self.tls_leg(conn)
+                    hello, _ = recv_frame(conn)
+                    conn.settimeout(None)
+                    if not _same_secret(hello, cmd["secret"]):
+                        raise HelloRejected("wrong secret for this session")
+                check_hello(hello, self.lease_secret, self.opts.agent_id, self.session, self.user)
+            except (HelloRejected, OSError, ProtocolError, ValueError) as e:
+                if isinstance(e, HelloRejected):
+                    self.refuse(conn, str(e))
+                conn.close()  # not our client (or it left mid-handshake)
                 return
             if self.client is not None:
                 self.sel.unregister(self.client)
                 self.client.close()
             self.client = conn
             self.sel.register(self.client, selectors.EVENT_READ, "client")
-            self.on_hello(cmd["hello"])
+            self.on_hello(hello)
         elif cmd["cmd"] == "stop":
             self.shutdown(cmd.get("reason", "the agent is shutting down"))
         elif cmd["cmd"] == "swap_out":
@@ -133,6 +141,23 @@ class Worker:
             # so an interrupt that finds the worker idle cannot poison the next cell.
             epoch = cmd.get("epoch")
             self.cancel_epoch = max(self.cancel_epoch, epoch if type(epoch) is int else 0)
+
+    def tls_leg(self, conn):
+        """Second leg of a TLS session connection (see remote/tls.py): the go-ahead byte, then
+        our own handshake. The client repeats its hello inside, and the secret in it proves it
+        is still the client the agent checked."""
+        if self.tls is None:
+            self.tls = server_context(*self.opts.tls.split(","))
+        conn.settimeout(10.0)
+        conn.sendall(GO_AHEAD)
+        return self.tls.wrap_socket(conn, server_side=True)
+
+    @staticmethod
+    def refuse(conn, message):
+        try:
+            send_frame(conn, {"error": {"type": "PermissionError", "message": message, "op": None}})
+        except OSError:
+            pass
 
     def interrupted(self) -> bool:
         """Poll the control socket without blocking: was the batch running now interrupted?"""
@@ -381,11 +406,19 @@ class Worker:
 
     def serve(self):
         while True:
+            # TLS may hold a decrypted next frame that select() cannot see.
+            while isinstance(self.client, ssl.SSLSocket) and self.client.pending():
+                self.on_client()
             for key, _ in self.sel.select():
                 if key.data == "ctl":
                     self.on_control()
                 elif self.client is not None:
                     self.on_client()
+
+
+def _same_secret(hello, secret: str) -> bool:
+    given = hello.get("secret") if hello.get("op") == "hello" else None
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), secret.encode())
 
 
 def main(argv=None):
@@ -397,6 +430,7 @@ def main(argv=None):
     p.add_argument("--gpus", default="0")
     p.add_argument("--cpu-memory-gib", type=float, default=16.0)
     p.add_argument("--namespaces", default="aten,prims")
+    p.add_argument("--tls", default=None, help="CERT,KEY,CLIENT_CA: sessions' connections use TLS")
     opts = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))

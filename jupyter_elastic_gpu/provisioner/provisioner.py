@@ -15,7 +15,6 @@ import asyncio
 import math
 import os
 import secrets
-import socket
 import time
 from typing import Any
 
@@ -228,12 +227,15 @@ def _listed(address: str, session: str, timeout: float) -> bool:
 
 def _send_close(address: str, session: str, secret: str, token: str | None, timeout: float) -> str:
     from ..remote.session import parse_address
+    from ..remote.tls import open_session
     from ..remote.wire import ProtocolError, recv_frame, send_frame
 
     hello = {"op": "hello", "session": session, "secret": secret, "token": token, "pid": 0}
     try:
-        with socket.create_connection(parse_address(address), timeout=timeout) as sock:
-            send_frame(sock, hello)
+        sock, refusal = open_session(*parse_address(address), hello, timeout)
+        if refusal is not None:
+            return "refused"
+        with sock:
             reply, _ = recv_frame(sock)
             if "error" in reply:
                 return "refused"

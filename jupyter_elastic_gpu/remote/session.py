@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import backend
+from . import backend, tls
 from .wire import DTYPES, recv_frame, send_frame, set_liveness, tensor_from_buffer
 
 BATCH_MAX_OPS = 512
@@ -111,6 +111,7 @@ class RemoteSession:
         self.attached = False
         self.address = None
         self.sock: socket.socket | None = None
+        self._receiver: threading.Thread | None = None
         self._next_id = 0
         self._pending: list = []
         self._bufs: list = []
@@ -176,24 +177,23 @@ class RemoteSession:
             self._broken(e)
         except KeyboardInterrupt:
             # A frame cut in half cannot be resumed: reconnect (same session) at the next op.
-            self.sock.close()
-            self.sock, self.attached = None, False
+            self._hang_up()
+            self.attached = False
             self._owed_replies = 0
             self.lease_provider.release()
             raise
 
     def _broken(self, e):
         self.attached = False
-        sock, self.sock = self.sock, None
         why = str(e)
-        if sock is not None:
+        if self.sock is not None:
             try:  # the agent may have said why before hanging up (shutdown, worker ended)
                 last = self._inbox.get(timeout=0.5)
                 if isinstance(last, tuple):
                     why = last[0].get("error", {}).get("message") or why
             except queue.Empty:
                 pass
-            sock.close()
+            self._hang_up()
         raise AgentUnavailable(
             f"lost the connection to the GPU agent at {self.address} ({why}); tensors of this "
             "session that lived on it are lost"
@@ -218,8 +218,7 @@ class RemoteSession:
         if "error" in reply:
             if reply["error"].get("fatal"):
                 # The worker is gone with its CUDA context: reconnect at the next op.
-                sock, self.sock = self.sock, None
-                sock.close()
+                self._hang_up()
                 self.attached = False
                 self.lease_provider.release()
             elif reply["error"].get("type") == "PermissionError" and self.attached:
@@ -300,7 +299,7 @@ class RemoteSession:
         self._bufs, self._buf_bytes = [], 0
         self.epoch += 1  # everything sent before now belongs to the interrupted epoch
         try:
-            with socket.create_connection(parse_address(self.address), timeout=5) as s:
+            with tls.connect(*parse_address(self.address), timeout=5) as s:
                 send_frame(
                     s,
                     {
@@ -326,24 +325,29 @@ class RemoteSession:
             if self._closed:
                 raise RuntimeError("this remote GPU session has been closed")
             lease = self.lease_provider.acquire(self)
+            hello = {
+                "op": "hello",
+                "session": self.session_id,
+                "secret": self.secret,
+                "token": lease.get("token"),
+                "fraction": lease.get("fraction", self.fraction),
+                "pid": os.getpid(),
+            }
             try:
                 if self.sock is None or lease["address"] != self.address:
-                    self._connect(lease["address"])
-                hello = {
-                    "op": "hello",
-                    "session": self.session_id,
-                    "secret": self.secret,
-                    "token": lease.get("token"),
-                    "fraction": lease.get("fraction", self.fraction),
-                    "pid": os.getpid(),
-                }
-                self._drain_owed()
-                send_frame(self.sock, hello)
-                self._owed_replies += 1
-                reply, _ = self._recv()
+                    reply = self._connect(lease["address"], hello)
+                else:
+                    self._drain_owed()
+                    send_frame(self.sock, hello)
+                    self._owed_replies += 1
+                    reply = None
+                if reply is None:
+                    reply, _ = self._recv()
             except (OSError, ConnectionError) as e:
                 self.lease_provider.release()
                 self.sock = None
+                if isinstance(e, tls.TLSRefused):
+                    raise AgentUnavailable(str(e)) from None
                 raise AgentUnavailable(
                     f"cannot reach the GPU agent at {lease['address']}: {e}"
                 ) from None
@@ -355,19 +359,37 @@ class RemoteSession:
         for cb in self.on_attach:
             cb(self)
 
-    def _connect(self, address: str) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        host, port = parse_address(address)
-        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+    def _connect(self, address: str, hello: dict) -> dict | None:
+        """Open a data connection and send ``hello``; returns the agent's refusal, if any."""
+        self._hang_up()
+        sock, refusal = tls.open_session(*parse_address(address), hello, self.connect_timeout)
+        if refusal is not None:
+            return refusal
         sock.settimeout(self.reply_timeout)
         set_liveness(sock, self.net_timeout)
         self.sock, self.address = sock, address
-        self._owed_replies = 0
+        self._owed_replies = 1  # the reply to the hello
         self._inbox = queue.Queue()
-        threading.Thread(
+        self._receiver = threading.Thread(
             target=self._receive, args=(sock, self._inbox), daemon=True, name="egpu-receiver"
-        ).start()
+        )
+        self._receiver.start()
+        return None
+
+    def _hang_up(self) -> None:
+        """Drop the data connection. Shut it down and let the receiver thread end before the
+        descriptor is closed: a reader still inside recv() on a closed descriptor number
+        would read the next connection's bytes once the number is reused."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._receiver is not threading.current_thread():
+            self._receiver.join(2.0)
+        sock.close()
 
     def renew(self, token: str) -> None:
         """Hand the agent a refreshed lease token (no reply: a rejection shows at the next sync)."""
@@ -396,11 +418,10 @@ class RemoteSession:
                 if self.sock is not None:
                     self._pending.clear()
                     send_frame(self.sock, {"op": "close"})
-                    self.sock.close()
             except OSError:
                 pass
             finally:
-                self.sock = None
+                self._hang_up()
                 if self.attached:
                     self.attached = False
                     self.lease_provider.release()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 
 import torch
@@ -121,6 +122,11 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[bytearray]]:
 
 def send_frame(sock: socket.socket, header: dict, buffers: list = ()) -> None:
     parts = encode_frame(header, buffers)
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg under TLS; each write is its own record
+        small = sum(len(p) for p in parts) <= 1 << 20
+        for p in [b"".join(parts)] if small else [b"".join(parts[:2]), *parts[2:]]:
+            sock.sendall(p)
+        return
     # sendmsg avoids joining large tensor payloads into one copy.
     total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
     sent = sock.sendmsg(parts)

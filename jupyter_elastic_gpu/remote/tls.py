@@ -1,0 +1,117 @@
+"""Optional TLS on the data plane, and the one function clients use to open a session there.
+
+With TLS the agent's main process cannot hand an encrypted stream to a session's worker (TLS
+state does not cross processes), so a session connection is set up in two legs on one TCP
+connection: the agent's main process terminates TLS, checks the hello (lease token, session
+secret) and answers ``{"handover": "tls"}``; both ends close that TLS layer cleanly; the
+worker, now holding the socket, sends one plaintext go-ahead byte and the client runs a fresh
+handshake with it and repeats its hello there, where the worker checks the secret again. So
+only an authenticated owner makes the agent spawn or reach a worker, and a connection hijacked
+between the legs gets nothing without the secret. Inventory, interrupt and close are answered
+by the main process inside its own TLS layer.
+
+Clients turn TLS on with ``ELASTIC_GPU_TLS_CA`` (the CA that signed the agents' certificates),
+plus ``ELASTIC_GPU_TLS_CERT``/``ELASTIC_GPU_TLS_KEY`` where agents require client certificates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+
+from .wire import recv_frame, send_frame
+
+GO_AHEAD = b"T"
+TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello
+
+
+def client_context() -> ssl.SSLContext | None:
+    """The client's TLS context from the environment, or None where TLS is not configured."""
+    ca = os.environ.get("ELASTIC_GPU_TLS_CA")
+    if not ca:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert = os.environ.get("ELASTIC_GPU_TLS_CERT")
+    if cert:
+        ctx.load_cert_chain(cert, os.environ.get("ELASTIC_GPU_TLS_KEY") or None)
+    return ctx
+
+
+def server_context(cert: str, key: str | None = None, client_ca: str | None = None):
+    """The agent's TLS context; with ``client_ca`` every client must show a certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key or None)
+    # No resumption tickets: nothing uses them, and a ticket arriving while the client's
+    # receiver thread reads and its main thread writes is one more thing to go wrong.
+    ctx.num_tickets = 0
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class TLSRefused(ConnectionError):
+    """The TLS handshake with an agent failed (wrong CA, plaintext agent, missing client cert)."""
+
+
+def _wrap(ctx: ssl.SSLContext, sock: socket.socket, host: str) -> ssl.SSLSocket:
+    try:
+        return ctx.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLError as e:
+        sock.close()
+        raise TLSRefused(
+            f"TLS handshake with the GPU agent at {host} failed: {e.reason or e}. Check that the "
+            "agent runs with --tls-cert, that ELASTIC_GPU_TLS_CA is the CA that signed it, and "
+            "that the agent's certificate names this host"
+        ) from None
+
+
+def connect(host: str, port: int, timeout: float | None) -> socket.socket:
+    """A connection to an agent: TLS when the environment configures it, else plain TCP."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    ctx = client_context()
+    return _wrap(ctx, sock, host) if ctx else sock
+
+
+def open_session(host: str, port: int, hello: dict, timeout: float | None):
+    """Connect and send ``hello`` to the session's worker.
+
+    Returns ``(sock, refusal)``: the socket whose next frame is the worker's answer to the
+    hello, or the agent's refusal (a reply with ``error``) when it refused before handing over.
+    """
+    sock = connect(host, port, timeout)
+    if not isinstance(sock, ssl.SSLSocket):
+        send_frame(sock, hello)
+        return sock, None
+    try:
+        try:
+            send_frame(sock, hello)
+            reply, _ = recv_frame(sock)
+        except (ssl.SSLError, ConnectionError) as e:
+            # Under TLS 1.3 a missing client certificate surfaces here, after the handshake.
+            hint = (
+                ""
+                if os.environ.get("ELASTIC_GPU_TLS_CERT")
+                else "; if it requires client certificates, set ELASTIC_GPU_TLS_CERT and "
+                "ELASTIC_GPU_TLS_KEY"
+            )
+            raise TLSRefused(
+                f"the GPU agent at {host} ended the TLS connection before answering ({e}){hint}"
+            ) from None
+        if reply.get("handover") != "tls":
+            sock.close()
+            return None, reply
+        sock.unwrap()
+        sock = socket.socket(fileno=sock.detach())
+        sock.settimeout(timeout)
+        if sock.recv(1) != GO_AHEAD:
+            raise ConnectionError("the agent's worker did not take over the connection")
+        sock = _wrap(client_context(), sock, host)
+        send_frame(sock, hello)
+        return sock, None
+    except BaseException:
+        sock.close()
+        raise
