@@ -32,6 +32,8 @@
 #   ELASTIC_GPU_BROKER_PORT      [8090]
 #   ELASTIC_GPU_AGENT_PORT       [7070]
 #   ELASTIC_GPU_AGENT_DEVICE     [auto]   auto | cuda | cpu
+#   ELASTIC_GPU_DATA_TLS         [1]      1: mutual TLS between kernels and the agent (a private CA
+#                                         and certificates made in the state dir's tls/); 0: plaintext
 #   ELASTIC_GPU_DEMO_API_TOKEN   [unset]  if set (8+ characters): an admin API token (service "demo-api"),
 #                                         for scripts and the end-to-end test
 #
@@ -82,6 +84,22 @@ def _secret(name: str) -> str:
 
 LEASE_SECRET = _secret("lease_secret")  # broker signs lease tokens, the agent verifies them
 AGENT_TOKEN = _secret("agent_token")  # the agent registers with the broker with it
+
+# TLS on the data plane, the way JupyterHub's internal_ssl does it: a CA only this deployment
+# trusts, a certificate for the agent, one for kernels (the agent requires it).
+DATA_TLS = os.environ.get("ELASTIC_GPU_DATA_TLS", "1") not in ("0", "", "false", "no")
+TLS_DIR = STATE / "tls"
+if DATA_TLS and not (TLS_DIR / "client.key").exists():
+    from jupyter_elastic_gpu.agent.certs import make_certs
+
+    make_certs(TLS_DIR, hosts=("localhost", "127.0.0.1"), days=3650)
+AGENT_TLS_ARGS = (
+    ["--tls-cert", str(TLS_DIR / "agent.crt"), "--tls-key", str(TLS_DIR / "agent.key"),
+     "--tls-client-ca", str(TLS_DIR / "ca.crt")]
+    if DATA_TLS
+    else []
+)  # fmt: skip
+KERNEL_TLS_ENV = {"ELASTIC_GPU_TLS_DIR": str(TLS_DIR)} if DATA_TLS else {}
 
 # -- the Hub -----------------------------------------------------------------------------------
 c.JupyterHub.bind_url = BIND_URL
@@ -152,6 +170,7 @@ c.JupyterHub.services = [
             BROKER_API,
             "--lease-secret-file",
             str(STATE / "lease_secret"),
+            *AGENT_TLS_ARGS,
         ],  # fmt: skip
         "cwd": str(STATE),
         "environment": _agent_env,
@@ -214,6 +233,8 @@ c.Spawner.environment = {
     "JUPYTER_PATH": str(KERNEL_PREFIX / "share" / "jupyter"),
     # config/singleuser/jupyter_server_config.py: sidebar server extension + kernel picker
     "JUPYTER_CONFIG_PATH": str(HERE / "singleuser"),
+    # kernels and the sidebar's inventory queries talk TLS to the agent
+    **KERNEL_TLS_ENV,
 }
 
 

@@ -316,8 +316,9 @@ class Agent:
             if first[0] != TLS_RECORD_HANDSHAKE:
                 self._refuse(
                     conn,
-                    "this agent requires TLS on the data plane: set ELASTIC_GPU_TLS_CA to the CA "
-                    "that signed the agent's certificate",
+                    "this agent requires TLS on the data plane: set ELASTIC_GPU_TLS_DIR (a "
+                    "directory made by `jupyter-elastic-gpu tls-certs`) or ELASTIC_GPU_TLS_CA to "
+                    "the CA that signed the agent's certificate",
                 )
                 return None
             return self.tls.wrap_socket(conn, server_side=True)

@@ -11,7 +11,8 @@ between the legs gets nothing without the secret. Inventory, interrupt and close
 by the main process inside its own TLS layer.
 
 Clients turn TLS on with ``ELASTIC_GPU_TLS_CA`` (the CA that signed the agents' certificates),
-plus ``ELASTIC_GPU_TLS_CERT``/``ELASTIC_GPU_TLS_KEY`` where agents require client certificates.
+plus ``ELASTIC_GPU_TLS_CERT``/``ELASTIC_GPU_TLS_KEY`` where agents require client certificates,
+or all three at once with ``ELASTIC_GPU_TLS_DIR`` (a directory made by ``tls-certs``).
 """
 
 from __future__ import annotations
@@ -26,16 +27,32 @@ GO_AHEAD = b"T"
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello
 
 
+def client_files() -> dict:
+    """The CA, certificate and key a client uses, from the environment ({} without TLS).
+
+    ``ELASTIC_GPU_TLS_DIR`` names a directory made by ``jupyter-elastic-gpu tls-certs`` (its
+    ca.crt, and client.crt/client.key when present); the single-file variables override it.
+    """
+    d = os.environ.get("ELASTIC_GPU_TLS_DIR")
+    files = {}
+    if d:
+        files["ca"] = os.path.join(d, "ca.crt")
+        if os.path.exists(os.path.join(d, "client.key")):
+            files["cert"], files["key"] = (os.path.join(d, f"client.{x}") for x in ("crt", "key"))
+    for role in ("ca", "cert", "key"):
+        files[role] = os.environ.get(f"ELASTIC_GPU_TLS_{role.upper()}") or files.get(role)
+    return {k: v for k, v in files.items() if v} if files.get("ca") else {}
+
+
 def client_context() -> ssl.SSLContext | None:
     """The client's TLS context from the environment, or None where TLS is not configured."""
-    ca = os.environ.get("ELASTIC_GPU_TLS_CA")
-    if not ca:
+    files = client_files()
+    if not files:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=files["ca"])
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    cert = os.environ.get("ELASTIC_GPU_TLS_CERT")
-    if cert:
-        ctx.load_cert_chain(cert, os.environ.get("ELASTIC_GPU_TLS_KEY") or None)
+    if "cert" in files:
+        ctx.load_cert_chain(files["cert"], files.get("key"))
     return ctx
 
 
@@ -94,7 +111,7 @@ def open_session(host: str, port: int, hello: dict, timeout: float | None):
             # Under TLS 1.3 a missing client certificate surfaces here, after the handshake.
             hint = (
                 ""
-                if os.environ.get("ELASTIC_GPU_TLS_CERT")
+                if "cert" in client_files()
                 else "; if it requires client certificates, set ELASTIC_GPU_TLS_CERT and "
                 "ELASTIC_GPU_TLS_KEY"
             )

@@ -172,6 +172,7 @@ def test_run_a_script_through_the_hub(hub, tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_GPU_")}
     env["JUPYTERHUB_API_TOKEN"] = hub.token("carol")
+    env["ELASTIC_GPU_TLS_DIR"] = str(hub.state / "tls")  # the demo's agent takes TLS only
     api = f"{hub.url}/services/elastic-gpu/api/"
 
     def run(fraction):
