@@ -1,11 +1,13 @@
 """Remote GPU vs native PyTorch on the same GPU, in one run.
 
-    python benchmarks/remote_vs_native.py [--device cuda] [--out results.json] [--quick]
+    python benchmarks/remote_vs_native.py [--device cuda] [--out results.json] [--quick] [--tls DIR]
 
 Starts an agent on loopback, then runs each workload twice in fresh processes: natively
 (the process sees the GPU) and remotely (CUDA hidden from the process, ``device="cuda"``
 attached to the agent, as a kernel on a CPU node would run). Reports the throughput ratio
-remote/native and the client's overhead per forwarded op.
+remote/native and the client's overhead per forwarded op. With ``--tls DIR`` (a directory
+made by ``jupyter-elastic-gpu tls-certs``) a second agent runs with mutual TLS and each
+workload also runs through it: the ratio TLS/plaintext is the price of encryption.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ WORKLOADS = r"""
 import json, sys, time, torch
 import torch.nn as nn, torch.nn.functional as F
 mode, name, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-if mode == "remote":
+if mode.startswith("remote"):
     from jupyter_elastic_gpu import remote
     sess = remote.attach(sys.argv[4], fraction=1.0)
-dev = "cuda" if (mode == "remote" or torch.cuda.is_available()) else "cpu"
+dev = "cuda" if (mode.startswith("remote") or torch.cuda.is_available()) else "cpu"
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 res = {}
 
@@ -85,16 +87,27 @@ elif name == "matmul":
         c = a @ b
     total, issue = timed(step, n)
     res = {"matmuls": n, "seconds": total, "unit": "TFLOP/s", "throughput": 2 * N ** 3 * n / total / 1e12}
-if mode == "remote":
+elif name in ("h2d", "d2h"):  # bulk transfers: where the wire (and TLS) shows
+    nbytes = (16 if quick else 256) << 20
+    host = torch.randn(nbytes // 4)
+    gpu = host.to(dev)
+    n = 3 if quick else 10
+    step = (lambda: host.to(dev)) if name == "h2d" else (lambda: gpu.cpu())
+    total, issue = timed(step, n, warm=2)
+    res = {"bytes": nbytes * n, "seconds": total, "unit": "GB/s", "throughput": nbytes * n / total / 1e9}
+if mode.startswith("remote"):
     res["ops_sent"] = sess.stats["ops"]; res["batches_sent"] = sess.stats["batches"]
 print("RESULT " + json.dumps(res))
 """
 
 
-def run(mode, name, quick, address, device):
+def run(mode, name, quick, address, device, tls_dir=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if mode == "remote":
+    env.pop("ELASTIC_GPU_TLS_DIR", None)
+    if mode.startswith("remote"):
         env["CUDA_VISIBLE_DEVICES"] = ""  # the client is a CPU node
+    if mode == "remote_tls":
+        env["ELASTIC_GPU_TLS_DIR"] = tls_dir
     p = subprocess.run(
         [sys.executable, "-c", WORKLOADS, mode, name, "1" if quick else "0", address],
         env=env,
@@ -113,10 +126,18 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test on a CPU agent)")
-    ap.add_argument("--workloads", default="small_ops,transformer_step,matmul")
+    ap.add_argument("--workloads", default="small_ops,transformer_step,matmul,h2d,d2h")
+    ap.add_argument("--tls", default=None, metavar="DIR", help="also measure through a TLS agent")
     opts = ap.parse_args(argv)
     agent = LocalAgent(device=opts.device, quiet=True)
     address = agent.address
+    tls_agent = None
+    if opts.tls:
+        d = os.path.abspath(opts.tls)
+        tls_agent = LocalAgent(
+            "--tls-cert", f"{d}/agent.crt", "--tls-key", f"{d}/agent.key",
+            "--tls-client-ca", f"{d}/ca.crt", device=opts.device, quiet=True,
+        )  # fmt: skip
     try:
         results = {}
         for name in opts.workloads.split(","):
@@ -128,8 +149,13 @@ def main(argv=None):
                 "ratio_remote_over_native": remote["throughput"] / native["throughput"],
             }
             extra = ""
+            if tls_agent is not None:
+                tls = run("remote_tls", name, opts.quick, tls_agent.address, opts.device, d)
+                results[name]["remote_tls"] = tls
+                results[name]["ratio_tls_over_plain"] = tls["throughput"] / remote["throughput"]
+                extra += f"  TLS {tls['throughput']:.4g}: TLS/plain {results[name]['ratio_tls_over_plain']:.3f}"
             if name == "small_ops":
-                extra = (
+                extra += (
                     f"  client {remote['client_us_per_op']:.1f} us/op issued, "
                     f"{remote['us_per_op']:.1f} us/op end to end (native {native['us_per_op']:.1f})"
                 )
@@ -140,6 +166,8 @@ def main(argv=None):
             )
     finally:
         agent.stop()
+        if tls_agent is not None:
+            tls_agent.stop()
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -60,6 +60,13 @@ def _agent(argv):
         "the GPU memory (default), at every detach, or never",
     )
     p.add_argument(
+        "--spare-workers",
+        type=int,
+        default=1,
+        help="worker processes kept started (torch imported) for new sessions, so a kernel's "
+        "first GPU op does not wait for one to start; 0 starts each on demand",
+    )
+    p.add_argument(
         "--allow-namespace",
         action="append",
         help="also allow ops of this torch.ops namespace (aten and prims always are)",

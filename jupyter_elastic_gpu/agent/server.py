@@ -36,13 +36,15 @@ def mps_daemon_running() -> bool:
 
 
 class SessionWorker:
-    """The agent's handle on one session's worker process."""
+    """The agent's handle on one worker process: started as a spare (torch imported, no
+    session yet), then bound to one session by ``assign``."""
 
-    def __init__(self, agent, session, secret, gpus, fraction=1.0, user=None):
-        self.agent, self.session, self.secret, self.gpus = agent, session, secret, gpus
-        self.user = user  # from the lease token: known before the worker process is up
+    def __init__(self, agent):
+        self.agent = agent
+        self.session = self.secret = self.user = None
+        self.gpus: list[int] = []
         self.attached = False
-        self.fraction = fraction
+        self.fraction = 1.0
         self.connected = False
         self.fatal = False  # its CUDA context died: replaced on the next hello
         self.attaching = False
@@ -54,27 +56,21 @@ class SessionWorker:
         self.last_used = time.monotonic()
         self.disconnected_at = None
         self.ended = threading.Event()
+        self.ready = False  # torch imported, waiting for its session
         self.ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
         if agent.lease_secret:
             env["ELASTIC_GPU_LEASE_SECRET"] = agent.lease_secret.decode()
-        if agent.device == "cuda" and agent.mps and fraction < 1:
-            # Under MPS a client's compute share is fixed when its context is created.
-            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, int(fraction * 100)))
         cmd = [
             sys.executable,
             "-m",
             "jupyter_elastic_gpu.agent.worker",
             "--control-fd",
             str(child.fileno()),
-            "--session",
-            session,
             "--agent-id",
             agent.agent_id,
             "--device",
             agent.device,
-            "--gpus",
-            ",".join(map(str, gpus)),
             "--cpu-memory-gib",
             str(agent.cpu_memory_gib),
             "--namespaces",
@@ -86,7 +82,16 @@ class SessionWorker:
             cmd, pass_fds=[child.fileno()], env=env, start_new_session=True
         )
         child.close()
-        threading.Thread(target=self._events, daemon=True, name=f"worker-{session}").start()
+        threading.Thread(target=self._events, daemon=True, name=f"worker-{self.proc.pid}").start()
+
+    def assign(self, session, secret, gpus, fraction=1.0, user=None) -> None:
+        self.session, self.secret, self.gpus = session, secret, gpus
+        self.fraction, self.user = fraction, user  # user: from the lease token, known early
+        mps = None
+        if self.agent.device == "cuda" and self.agent.mps and fraction < 1:
+            # Under MPS a client's compute share is fixed when its context is created.
+            mps = max(1, int(fraction * 100))
+        self.send({"cmd": "assign", "session": session, "gpus": gpus, "mps_percentage": mps})
 
     def send(self, cmd: dict) -> None:
         try:
@@ -136,7 +141,9 @@ class SessionWorker:
             ev = json.loads(msg)
             kind = ev.get("event")
             self.in_use = ev.get("in_use", self.in_use)
-            if kind == "attaching":
+            if kind == "ready":
+                self.ready = True
+            elif kind == "attaching":
                 self.user, self.fraction = ev.get("user") or self.user, ev.get("fraction", 0)
                 self.cap = ev.get("need", 0)
                 self.attaching = True
@@ -215,6 +222,7 @@ class Agent:
         tls_cert=None,
         tls_key=None,
         tls_client_ca=None,
+        spare_workers=1,
     ):
         self.device = device
         # Workers load the same files: each terminates TLS for its own session's connection.
@@ -227,6 +235,9 @@ class Agent:
         self.session_grace = session_grace
         self.hello_timeout = hello_timeout
         self.swap_policy = swap_policy
+        # Started workers kept ready, so a session's first op skips the worker's torch import.
+        self.spare_workers = spare_workers
+        self.spares: list[SessionWorker] = []
         self.mps = mps_daemon_running()
         self.swap_stats: list[dict] = []
         self.workers: dict[str, SessionWorker] = {}
@@ -353,9 +364,8 @@ class Agent:
                 # Open mode has no broker placement: a lease above 1 takes the first GPUs.
                 fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
                 gpus = claims.get("gpus") or list(range(int(fraction) if fraction > 1 else 1))
-                worker = self.workers[session] = SessionWorker(
-                    self, session, secret, gpus, fraction, claims.get("user")
-                )
+                worker = self.workers[session] = self._spare()
+                worker.assign(session, secret, gpus, fraction, claims.get("user"))
                 log.info(
                     "session %s started (user %s, gpus %s, pid %d)",
                     session,
@@ -422,14 +432,35 @@ class Agent:
             if not idle[0].swap_out():
                 return
 
+    def _spare(self) -> SessionWorker:
+        """A started worker for a new session (called under ``self.lock``): a spare, whose
+        torch import is already done, if one is ready; another spare starts meanwhile."""
+        while self.spares:
+            w = self.spares.pop(0)
+            if w.alive:
+                break
+        else:
+            w = SessionWorker(self)
+        if self.spare_workers and not self._stop.is_set():
+            threading.Thread(target=self._refill_spares, daemon=True).start()
+        return w
+
+    def _refill_spares(self) -> None:
+        with self.lock:
+            while len(self.spares) < self.spare_workers and not self._stop.is_set():
+                self.spares.append(SessionWorker(self))
+
     def forget(self, worker: SessionWorker) -> None:
         with self.lock:
             if self.workers.get(worker.session) is worker:
                 del self.workers[worker.session]
+            if worker in self.spares:
+                self.spares.remove(worker)
 
     def inventory(self) -> dict:
         with self.lock:
             sessions = [w.describe() for w in self.workers.values()]
+            spares = [{"pid": w.proc.pid, "ready": w.ready} for w in self.spares]
         return {
             "agent": {
                 "id": self.agent_id,
@@ -438,6 +469,7 @@ class Agent:
                 "mps": self.mps,
                 "swap_policy": self.swap_policy,
                 "swaps": self.swap_stats[-20:],
+                "spare_workers": spares,
             },
             "gpus": gpu_inventory(self.device, self.cpu_memory_gib),
             "sessions": sessions,
@@ -462,6 +494,7 @@ class Agent:
 
     def serve_forever(self) -> None:
         threading.Thread(target=self._reap_vanished, daemon=True).start()
+        threading.Thread(target=self._refill_spares, daemon=True).start()
         self.server.serve_forever(poll_interval=0.2)
 
     def shutdown(self, reason="the GPU agent is shutting down") -> None:
@@ -470,7 +503,8 @@ class Agent:
             self._stop.set()
             self.server.shutdown()
         with self.lock:
-            workers = list(self.workers.values())
+            workers = list(self.workers.values()) + self.spares
+            self.spares = []
         for w in workers:
             w.stop(reason)
         self.server.server_close()
@@ -506,6 +540,7 @@ def run_agent(opts) -> None:
         tls_cert=opts.tls_cert,
         tls_key=opts.tls_key,
         tls_client_ca=opts.tls_client_ca,
+        spare_workers=opts.spare_workers,
     )
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
     if not gpus:

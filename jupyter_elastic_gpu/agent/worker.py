@@ -32,20 +32,17 @@ GiB = 1 << 30
 class Worker:
     def __init__(self, opts):
         self.opts = opts
-        self.session = opts.session
         self.device_kind = opts.device
-        gpus = [int(g) for g in opts.gpus.split(",")] if opts.gpus else [0]
-        if self.device_kind == "cuda":
-            self.devices = [torch.device("cuda", g) for g in gpus]
-        else:
+        if self.device_kind == "cpu":
             from . import cpu_kernels
 
             cpu_kernels.register()
-            self.devices = [torch.device("cpu")] * max(1, len(gpus))
         from . import attention
 
         attention.register(self.device_kind)
-        self.executor = SessionExecutor(self.devices, OpResolver(opts.namespaces.split(",")))
+        self.session = None
+        self.devices: list[torch.device] = []
+        self.executor: SessionExecutor | None = None
         self.tls = None  # the server context, loaded at the first TLS connection
         self.lease_secret = os.environ.pop("ELASTIC_GPU_LEASE_SECRET", "").encode() or None
         self.user = None
@@ -62,6 +59,21 @@ class Worker:
         self.ctl = socket.socket(fileno=opts.control_fd)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+
+    def wait_for_assignment(self) -> None:
+        """Workers start before their session exists (the agent keeps spares with torch
+        already imported); the agent then binds one to a session and its GPUs."""
+        cmd = self.wait_for("assign", timeout=None)
+        if cmd.get("mps_percentage"):
+            # Read when the CUDA context is created, which has not happened yet.
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(cmd["mps_percentage"])
+        self.session = cmd["session"]
+        gpus = cmd.get("gpus") or [0]
+        if self.device_kind == "cuda":
+            self.devices = [torch.device("cuda", g) for g in gpus]
+        else:
+            self.devices = [torch.device("cpu")] * max(1, len(gpus))
+        self.executor = SessionExecutor(self.devices, OpResolver(self.opts.namespaces.split(",")))
 
     # -- device description ---------------------------------------------------------------
     def device_info(self) -> dict:
@@ -215,7 +227,7 @@ class Worker:
         )
         self.reply({"ok": True, "device": self.device_info(), "swap_in": self.last_swap_in})
 
-    def wait_for(self, what: str, timeout: float = 120.0):
+    def wait_for(self, what: str, timeout: float | None = 120.0):
         """Block on the control socket until the agent sends ``what`` (other commands run meanwhile)."""
         self.ctl.settimeout(timeout)
         try:
@@ -227,7 +239,7 @@ class Worker:
                 if cmd["cmd"] == what:
                     return cmd
                 if cmd["cmd"] == "swap_out":  # we are attaching: not idle, never swapped now
-                    self.notify(event="swapped", ok=False, in_use=self.executor.in_use)
+                    self.notify(event="swapped", ok=False)
                 if cmd["cmd"] == "stop":
                     self.shutdown(cmd.get("reason", "the agent is shutting down"))
         except TimeoutError:
@@ -424,10 +436,8 @@ def _same_secret(hello, secret: str) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="jupyter-elastic-gpu-worker")
     p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--session", required=True)
     p.add_argument("--agent-id", required=True)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
-    p.add_argument("--gpus", default="0")
     p.add_argument("--cpu-memory-gib", type=float, default=16.0)
     p.add_argument("--namespaces", default="aten,prims")
     p.add_argument("--tls", default=None, help="CERT,KEY,CLIENT_CA: sessions' connections use TLS")
@@ -435,8 +445,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     w = Worker(opts)
-    t0 = time.monotonic()
-    w.notify(event="ready", pid=os.getpid(), startup_s=time.monotonic() - t0)
+    w.notify(event="ready", pid=os.getpid())
+    w.wait_for_assignment()
     w.serve()
 
 

@@ -99,6 +99,21 @@ class RemoteTensor(torch.Tensor):
     def tolist(self):
         return self.cpu().tolist()
 
+    # torch builds index tensors from Python lists (x[[0, 2]], masks as lists) and new_tensor's
+    # data in C++ straight onto the tensor's backend, a path that asserts for Python-defined
+    # backends; build them with torch.tensor(..., device=) instead, which the facade serves.
+    def __getitem__(self, index):
+        return super().__getitem__(_index_lists_to_tensors(index, self.device))
+
+    def __setitem__(self, index, value):
+        return super().__setitem__(_index_lists_to_tensors(index, self.device), value)
+
+    def new_tensor(self, data, dtype=None, device=None, requires_grad=False, **kw):
+        if isinstance(data, torch.Tensor):
+            return data.detach().to(device or self.device, dtype or self.dtype).clone()
+        t = torch.tensor(data, dtype=dtype or self.dtype, device=device or self.device)
+        return t.requires_grad_(requires_grad)
+
     def __reduce_ex__(self, proto):
         # Saved remote tensors are plain CPU tensors: loadable anywhere, and
         # torch.load(map_location="cuda") brings them back to the remote GPU.
@@ -114,6 +129,26 @@ class RemoteTensor(torch.Tensor):
             new = torch.nn.Parameter(new, self.requires_grad)
         memo[id(self)] = new
         return new
+
+
+def _index_lists_to_tensors(index, device):
+    if (
+        type(index) is list
+        and len(index) < 32
+        and any(
+            isinstance(i, (list, tuple, slice, torch.Tensor)) or i is None or i is Ellipsis
+            for i in index
+        )
+    ):
+        index = tuple(index)  # torch's (NumPy's) legacy rule: such a list is a tuple of indices
+    if type(index) is tuple:
+        return tuple(_index_lists_to_tensors(i, device) for i in index)
+    if type(index) is list:
+        try:  # lists of ints/bools (nested too) index like tensors of them, as in numpy
+            return torch.tensor(index, device=device, dtype=None if index else torch.long)
+        except (TypeError, ValueError, RuntimeError):
+            return index  # let torch say what it makes of it
+    return index
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,8 +396,17 @@ def _is_same_size(func, args, kwargs):
     return args[0].shape == args[1].shape
 
 
+def _tensor_split(func, args, kwargs):
+    # Split points given as a (CPU) tensor are host data on CUDA too: pass them as ints.
+    x, points, *rest = args
+    values = points.tolist()
+    op = aten.tensor_split.sections if points.dim() == 0 else aten.tensor_split.indices
+    return op(x, values, *rest, **kwargs)
+
+
 aten = torch.ops.aten
 SPECIAL = {
+    aten.tensor_split.tensor_indices_or_sections: _tensor_split,
     aten._has_compatible_shallow_copy_type.default: _compatible_shallow_copy,
     aten.is_same_size.default: _is_same_size,
     aten._to_copy.default: _to_copy,

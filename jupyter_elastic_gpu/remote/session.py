@@ -120,6 +120,7 @@ class RemoteSession:
         self._owed_replies = 0  # replies of requests abandoned by an interrupt
         self.epoch = 0  # bumped by each interrupt; batches carry it
         self._closed = False
+        self._lost: AgentUnavailable | None = None  # a broken connection the flusher found
         self.stats = {"ops": 0, "batches": 0, "requests": 0}
         self.on_attach = []  # callbacks(session) after a lease is taken
         self._flusher = threading.Thread(target=self._flush_loop, name="egpu-flusher", daemon=True)
@@ -165,7 +166,11 @@ class RemoteSession:
             if self._pending and self._lock.acquire(blocking=False):
                 try:
                     self._flush()
-                except Exception:  # the next sync point reports a broken connection
+                except AgentUnavailable as e:
+                    # Ops of the user's thread were lost with the connection: say so at its
+                    # next op, before it reconnects (attach raises this once).
+                    self._lost = e
+                except Exception:
                     pass
                 finally:
                     self._lock.release()
@@ -324,6 +329,9 @@ class RemoteSession:
                 return
             if self._closed:
                 raise RuntimeError("this remote GPU session has been closed")
+            if self._lost is not None:
+                lost, self._lost = self._lost, None
+                raise lost
             lease = self.lease_provider.acquire(self)
             hello = {
                 "op": "hello",

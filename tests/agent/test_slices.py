@@ -235,3 +235,51 @@ def test_the_session_secret_closes_a_session_beside_its_connection(make_agent):
     while query_inventory(agent.address)["sessions"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert query_inventory(agent.address)["sessions"] == []
+
+
+def _wait(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_a_new_session_takes_a_spare_worker_and_another_starts(make_agent):
+    agent = make_agent("--spare-workers", "1")
+
+    def ready_spares():
+        return [
+            s["pid"] for s in query_inventory(agent.address)["agent"]["spare_workers"] if s["ready"]
+        ]
+
+    [spare] = _wait(ready_spares)
+    prog = textwrap.dedent(f"""
+        import sys, torch
+        from jupyter_elastic_gpu import remote
+        remote.attach({agent.address!r}, fraction=0.25)
+        print(torch.ones(3, device="cuda").sum().item(), flush=True)
+        sys.stdin.readline()
+    """)
+    client = subprocess.Popen(
+        [sys.executable, "-c", prog], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert client.stdout.readline().strip() == "3.0"
+        # The session runs in the spare, whose torch import was done before the client came...
+        assert [s["pid"] for s in query_inventory(agent.address)["sessions"]] == [spare]
+        [replacement] = _wait(ready_spares)
+        assert replacement != spare  # ...and a fresh spare took its place
+    finally:
+        client.stdin.close()
+        client.wait(30)
+
+
+def test_without_spares_each_session_starts_its_own_worker(make_agent):
+    agent = make_agent("--spare-workers", "0")
+    assert query_inventory(agent.address)["agent"]["spare_workers"] == []
+    out = run_client(agent.address, "print(torch.ones(2, device='cuda').sum().item())")
+    assert out.returncode == 0 and out.stdout.strip() == "2.0", out.stderr
+    assert query_inventory(agent.address)["agent"]["spare_workers"] == []

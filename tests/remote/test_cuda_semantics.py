@@ -73,6 +73,30 @@ def test_data_dependent_shapes_wait_for_the_agent(remote):
     assert bool((x > 4).any()) and not bool((x > 6).any())
 
 
+def test_python_lists_index_like_tensors(remote):
+    local = torch.arange(20.0).view(4, 5)
+    x = local.cuda()
+    for index in (
+        [0, 2],
+        [[0, 1], [3, 3]],
+        [True, False, True, False],
+        ([1, 3], [0, 4]),
+        (slice(None), [4, 0]),
+        [],
+    ):
+        assert torch.equal(x[index].cpu(), local[index]), index
+    x[[0, 3]] = -1.0
+    local[[0, 3]] = -1.0
+    assert torch.equal(x.cpu(), local)
+    w = torch.ones(5, device="cuda", requires_grad=True)
+    w[[1, 1, 4]].sum().backward()
+    assert w.grad.tolist() == [0.0, 2.0, 0.0, 0.0, 1.0]
+    t = x.new_tensor([[1, 2]], dtype=torch.int32)
+    assert t.is_cuda and t.dtype == torch.int32 and t.tolist() == [[1, 2]]
+    parts = torch.tensor_split(torch.arange(7, device="cuda"), torch.tensor([2, 5]))
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3, 4], [5, 6]]
+
+
 def test_save_and_load_state_dicts(remote, tmp_path):
     model = nn.Linear(3, 2).cuda()
     path = tmp_path / "m.pt"
