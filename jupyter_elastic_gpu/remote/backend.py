@@ -396,17 +396,8 @@ def _is_same_size(func, args, kwargs):
     return args[0].shape == args[1].shape
 
 
-def _tensor_split(func, args, kwargs):
-    # Split points given as a (CPU) tensor are host data on CUDA too: pass them as ints.
-    x, points, *rest = args
-    values = points.tolist()
-    op = aten.tensor_split.sections if points.dim() == 0 else aten.tensor_split.indices
-    return op(x, values, *rest, **kwargs)
-
-
 aten = torch.ops.aten
 SPECIAL = {
-    aten.tensor_split.tensor_indices_or_sections: _tensor_split,
     aten._has_compatible_shallow_copy_type.default: _compatible_shallow_copy,
     aten.is_same_size.default: _is_same_size,
     aten._to_copy.default: _to_copy,
