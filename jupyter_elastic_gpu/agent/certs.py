@@ -76,7 +76,10 @@ def _issue(subject, key, issuer, issuer_key, days, *, ca=False, hosts=(), usage=
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def make_certs(out: str | os.PathLike, hosts=("localhost", "127.0.0.1"), days=365) -> dict:
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "elastic-gpu-agent")
+
+
+def make_certs(out: str | os.PathLike, hosts=DEFAULT_HOSTS, days=365) -> dict:
     """Write ca/agent/client ``.crt`` + ``.key`` under ``out``; return the paths by role."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,11 +111,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--host",
         action="append",
-        help="a host name or IP kernels use to reach the agents (repeat; default localhost, 127.0.0.1)",
+        help="a host name or IP kernels use to reach the agents, or the one name they all share "
+        "(ELASTIC_GPU_TLS_SERVER_NAME); repeat. Default: localhost, 127.0.0.1, elastic-gpu-agent",
     )
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
     opts = p.parse_args(argv)
-    paths = make_certs(opts.out, opts.host or ("localhost", "127.0.0.1"), opts.days)
+    paths = make_certs(opts.out, opts.host or DEFAULT_HOSTS, opts.days)
     print(
         f"agents:  jupyter-elastic-gpu agent --tls-cert {paths['agent']['cert']} "
         f"--tls-key {paths['agent']['key']} [--tls-client-ca {paths['ca']['cert']}]\n"

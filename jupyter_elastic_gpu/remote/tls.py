@@ -13,6 +13,8 @@ by the main process inside its own TLS layer.
 Clients turn TLS on with ``ELASTIC_GPU_TLS_CA`` (the CA that signed the agents' certificates),
 plus ``ELASTIC_GPU_TLS_CERT``/``ELASTIC_GPU_TLS_KEY`` where agents require client certificates,
 or all three at once with ``ELASTIC_GPU_TLS_DIR`` (a directory made by ``tls-certs``).
+``ELASTIC_GPU_TLS_SERVER_NAME`` is the name agents' certificates must carry when it is not
+the host kernels dial (agents on pod IPs share one name).
 """
 
 from __future__ import annotations
@@ -75,14 +77,18 @@ class TLSRefused(ConnectionError):
 
 
 def _wrap(ctx: ssl.SSLContext, sock: socket.socket, host: str) -> ssl.SSLSocket:
+    # Agents whose addresses change (pods) can all carry one service name instead.
+    name = os.environ.get("ELASTIC_GPU_TLS_SERVER_NAME") or host
     try:
-        return ctx.wrap_socket(sock, server_hostname=host)
+        return ctx.wrap_socket(sock, server_hostname=name)
     except ssl.SSLError as e:
         sock.close()
+        detail = getattr(e, "verify_message", None)
+        why = f"{e.reason or e}" + (f" ({detail})" if detail else "")
         raise TLSRefused(
-            f"TLS handshake with the GPU agent at {host} failed: {e.reason or e}. Check that the "
-            "agent runs with --tls-cert, that ELASTIC_GPU_TLS_CA is the CA that signed it, and "
-            "that the agent's certificate names this host"
+            f"TLS handshake with the GPU agent at {host} failed: {why}. Check that the agent "
+            "runs with --tls-cert, that ELASTIC_GPU_TLS_CA is the CA that signed it, and that "
+            f"the certificate names {name!r} (or set ELASTIC_GPU_TLS_SERVER_NAME to a name it has)"
         ) from None
 
 

@@ -304,6 +304,19 @@ def test_a_connection_hijacked_between_the_legs_needs_the_secret(tls_agent, cert
     owner.close()
 
 
+def test_agents_on_changing_addresses_can_share_one_certificate_name(tmp_path, make_agent):
+    pod_certs = make_certs(tmp_path, hosts=["gpu-agents.internal"])  # no IP in it
+    agent = make_agent(*tls_args(pod_certs))
+    code = 'remote.attach(__import__("os").environ["AGENT"])\nprint(torch.ones(2, device="cuda").sum().item())'
+    refused = client(agent.address, code, tls_env(pod_certs))
+    assert refused.returncode != 0 and "IP address mismatch" in refused.stderr, refused.stderr[
+        -600:
+    ]
+    env = {**tls_env(pod_certs), "ELASTIC_GPU_TLS_SERVER_NAME": "gpu-agents.internal"}
+    ok = client(agent.address, code, env)
+    assert ok.returncode == 0 and ok.stdout.strip() == "2.0", ok.stderr[-600:]
+
+
 def test_an_agent_with_unreadable_tls_files_says_so(tmp_path):
     port = free_port()
     out = subprocess.run(
