@@ -200,8 +200,9 @@ class RemoteSession:
                 pass
             self._hang_up()
         raise AgentUnavailable(
-            f"lost the connection to the GPU agent at {self.address} ({why}); tensors of this "
-            "session that lived on it are lost"
+            f"lost the connection to the GPU agent at {self.address} ({why}); the next GPU op "
+            "reconnects. Tensors of this session are still there if the agent kept the session "
+            "(its grace period), else they are lost and using them raises an error"
         ) from None
 
     def request(self, header: dict, bufs=()) -> tuple[dict, list]:
