@@ -14,7 +14,8 @@ through jupyter_client:
   (``torch.ones(1, device="cuda").sum().item()``), cold (first GPU cell of a new kernel:
   the agent starts the session's worker) and warm (a later cell, after the previous one
   gave its lease back), directly and through the broker; plus one GPU round trip with the
-  lease held, for comparison.
+  lease held, for comparison. ``--think S`` waits S seconds before the cold GPU cell, as a
+  user running a few cells first would (0: the GPU cell right after ``import torch``).
 """
 
 from __future__ import annotations
@@ -130,11 +131,12 @@ def startup(ksm, name, config=None, env=None):
     return ready, first
 
 
-def attach_latencies(ksm, config, env, warm_reps):
+def attach_latencies(ksm, config, env, warm_reps, think=0.0):
     """(cold attach, [warm attaches], [round trips with the lease held])."""
     km, kc, _ = start_kernel(ksm, "python3-gpu-0.5", config, env)
     try:
         run(kc, "import torch")  # start-up out of the way: only the lease is timed
+        time.sleep(think)  # a user's first cells before the first GPU one
         _, cold, trip = run(kc, ATTACH_CELL).split()
         warm, trips = [], [float(trip)]
         for _ in range(warm_reps):
@@ -160,6 +162,12 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        help="seconds between the kernel's first cell (import torch) and its first GPU cell",
+    )
     opts = ap.parse_args()
 
     from jupyter_elastic_gpu.provisioner.kernelspecs import ElasticGPUKernelSpecs
@@ -215,7 +223,7 @@ def main():
         for mode, (config, env) in setups.items():
             colds, warms, trips = [], [], []
             for _ in range(max(1, opts.reps // 2)):
-                cold, warm, trip = attach_latencies(ksm, config, env, opts.reps)
+                cold, warm, trip = attach_latencies(ksm, config, env, opts.reps, opts.think)
                 colds.append(cold)
                 warms += warm
                 trips += trip
