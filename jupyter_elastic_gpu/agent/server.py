@@ -22,7 +22,7 @@ import time
 import uuid
 
 from ..remote.tls import TLS_RECORD_HANDSHAKE, server_context
-from ..remote.wire import ProtocolError, recv_frame, send_frame, set_liveness
+from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal, set_liveness
 from .auth import HelloRejected, check_hello
 from .inventory import gpu_inventory
 
@@ -284,7 +284,7 @@ class Agent:
         try:
             hello, _ = recv_frame(conn)
         except (ProtocolError, OSError, ConnectionError, ValueError) as e:
-            self._refuse(conn, f"bad first frame: {e}")
+            send_refusal(conn, f"bad first frame: {e}")
             return False
         conn.settimeout(None)
         set_liveness(conn, 20.0)  # a vanished client is noticed even if it never sends FIN
@@ -296,7 +296,7 @@ class Agent:
             self.by_secret(conn, hello, op)
             return False
         if op != "hello":
-            self._refuse(conn, f"first request must be 'hello' or 'inventory', got {op!r}")
+            send_refusal(conn, f"first request must be 'hello' or 'inventory', got {op!r}")
             return False
         worker = self._session_worker(conn, hello)
         if worker is None:
@@ -314,7 +314,7 @@ class Agent:
             worker.hand_over(conn, hello, tls=self.tls is not None)
         except OSError:  # the worker died between lookup and hand-over
             self.forget(worker)
-            self._refuse(conn, "this session's worker just ended; connect again")
+            send_refusal(conn, "this session's worker just ended; connect again")
             return False
         return True
 
@@ -325,7 +325,7 @@ class Agent:
             if not first:
                 return None  # a port probe: connected and left
             if first[0] != TLS_RECORD_HANDSHAKE:
-                self._refuse(
+                send_refusal(
                     conn,
                     "this agent requires TLS on the data plane: set ELASTIC_GPU_TLS_DIR (a "
                     "directory made by `jupyter-elastic-gpu tls-certs`) or ELASTIC_GPU_TLS_CA to "
@@ -341,7 +341,7 @@ class Agent:
         """The worker of the session ``hello`` names, started if new; None after refusing."""
         session, secret = hello.get("session"), hello.get("secret")
         if not (isinstance(session, str) and 0 < len(session) <= 128 and isinstance(secret, str)):
-            self._refuse(conn, "hello needs a session id and a session secret")
+            send_refusal(conn, "hello needs a session id and a session secret")
             return None
         with self.lock:
             worker = self.workers.get(session)
@@ -353,13 +353,13 @@ class Agent:
             if worker is not None and not hmac.compare_digest(
                 worker.secret.encode(), secret.encode()
             ):
-                self._refuse(conn, "wrong secret for this session")
+                send_refusal(conn, "wrong secret for this session")
                 return None
             if worker is None:
                 try:
                     claims = check_hello(hello, self.lease_secret, self.agent_id, session, None)
                 except HelloRejected as e:
-                    self._refuse(conn, str(e))
+                    send_refusal(conn, str(e))
                     return None
                 # Open mode has no broker placement: a lease above 1 takes the first GPUs.
                 fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
@@ -386,20 +386,13 @@ class Agent:
             or not isinstance(secret, str)
             or not hmac.compare_digest(worker.secret.encode(), secret.encode())
         ):
-            self._refuse(conn, "no such session, or wrong secret")
+            send_refusal(conn, "no such session, or wrong secret")
             return
         if op == "interrupt":
             worker.send({"cmd": "interrupt", "epoch": msg.get("epoch")})
         else:
             worker.stop("closed by its owner")
         send_frame(conn, {"ok": True})
-
-    @staticmethod
-    def _refuse(conn, message):
-        try:
-            send_frame(conn, {"error": {"type": "PermissionError", "message": message, "op": None}})
-        except OSError:
-            pass
 
     def gpu_memory(self, gpu: int) -> int:
         g = next(

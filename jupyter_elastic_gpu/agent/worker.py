@@ -22,7 +22,7 @@ import time
 import torch
 
 from ..remote.tls import GO_AHEAD, server_context
-from ..remote.wire import ProtocolError, recv_frame, send_frame
+from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
 
@@ -135,7 +135,7 @@ class Worker:
                 check_hello(hello, self.lease_secret, self.opts.agent_id, self.session, self.user)
             except (HelloRejected, OSError, ProtocolError, ValueError) as e:
                 if isinstance(e, HelloRejected):
-                    self.refuse(conn, str(e))
+                    send_refusal(conn, str(e))
                 conn.close()  # not our client (or it left mid-handshake)
                 return
             if self.client is not None:
@@ -163,13 +163,6 @@ class Worker:
         conn.settimeout(10.0)
         conn.sendall(GO_AHEAD)
         return self.tls.wrap_socket(conn, server_side=True)
-
-    @staticmethod
-    def refuse(conn, message):
-        try:
-            send_frame(conn, {"error": {"type": "PermissionError", "message": message, "op": None}})
-        except OSError:
-            pass
 
     def interrupted(self) -> bool:
         """Poll the control socket without blocking: was the batch running now interrupted?"""

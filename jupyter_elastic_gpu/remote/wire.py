@@ -135,6 +135,14 @@ def send_frame(sock: socket.socket, header: dict, buffers: list = ()) -> None:
         sock.sendall(rest)
 
 
+def send_refusal(sock, message: str) -> None:
+    """Tell a peer why it is refused (best effort: it may be gone already)."""
+    try:
+        send_frame(sock, {"error": {"type": "PermissionError", "message": message, "op": None}})
+    except OSError:
+        pass
+
+
 def set_liveness(sock: socket.socket, timeout: float) -> None:
     """Make a dead peer or a cut network an error within about ``timeout`` seconds.
 
