@@ -447,8 +447,12 @@ class Agent:
         with self.lock:
             if self.workers.get(worker.session) is worker:
                 del self.workers[worker.session]
-            if worker in self.spares:
-                self.spares.remove(worker)
+            if worker in self.spares:  # a spare died (OOM killer, kill): start another,
+                self.spares.remove(worker)  # unless it never came up (no crash loop)
+                if worker.ready and not self._stop.is_set():
+                    threading.Thread(target=self._refill_spares, daemon=True).start()
+                elif not worker.ready:
+                    log.warning("a spare worker failed to start; workers now start on demand")
 
     def inventory(self) -> dict:
         with self.lock:

@@ -277,6 +277,22 @@ def test_a_new_session_takes_a_spare_worker_and_another_starts(make_agent):
         client.wait(30)
 
 
+def test_a_dead_spare_is_replaced(make_agent):
+    agent = make_agent("--spare-workers", "1")
+
+    def ready_spares():
+        return [
+            s["pid"] for s in query_inventory(agent.address)["agent"]["spare_workers"] if s["ready"]
+        ]
+
+    [spare] = _wait(ready_spares)
+    os.kill(spare, signal.SIGKILL)
+    [replacement] = _wait(lambda: [p for p in ready_spares() if p != spare])
+    assert replacement != spare
+    out = run_client(agent.address, "print(torch.ones(2, device='cuda').sum().item())")
+    assert out.returncode == 0 and out.stdout.strip() == "2.0", out.stderr
+
+
 def test_without_spares_each_session_starts_its_own_worker(make_agent):
     agent = make_agent("--spare-workers", "0")
     assert query_inventory(agent.address)["agent"]["spare_workers"] == []
