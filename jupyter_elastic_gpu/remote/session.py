@@ -354,7 +354,9 @@ class RemoteSession:
                     reply, _ = self._recv()
             except (OSError, ConnectionError) as e:
                 self.lease_provider.release()
-                self.sock = None
+                self._hang_up()
+                if isinstance(e, AgentUnavailable):
+                    raise
                 if isinstance(e, tls.TLSRefused):
                     raise AgentUnavailable(str(e)) from None
                 raise AgentUnavailable(
