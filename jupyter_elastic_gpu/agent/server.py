@@ -309,6 +309,8 @@ class Agent:
                 conn.unwrap()
             except (OSError, ValueError) as e:
                 log.info("session %s: client left during the TLS hand-over: %s", worker.session, e)
+                if not worker.connected and worker.disconnected_at is None:
+                    worker.disconnected_at = time.monotonic()  # freed after the grace period
                 return False
         try:
             worker.hand_over(conn, hello, tls=self.tls is not None)

@@ -137,6 +137,8 @@ class Worker:
                 if isinstance(e, HelloRejected):
                     send_refusal(conn, str(e))
                 conn.close()  # not our client (or it left mid-handshake)
+                if self.client is None:  # nobody is connected: the agent's grace clock runs
+                    self.notify(event="disconnected")
                 return
             if self.client is not None:
                 self.sel.unregister(self.client)

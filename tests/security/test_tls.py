@@ -304,6 +304,38 @@ def test_a_connection_hijacked_between_the_legs_needs_the_secret(tls_agent, cert
     owner.close()
 
 
+@pytest.mark.parametrize("leaves", ["before the hand-over", "before the worker's handshake"])
+def test_a_client_that_leaves_mid_hand_over_leaves_nothing_behind(leaves, tls_agent, certs):
+    """A session opened by a client that vanishes between the legs is freed after the agent's
+    grace period (2 s here), like any vanished client's."""
+    import time
+
+    ctx = ssl.create_default_context(cafile=certs["ca"]["cert"])
+    ctx.load_cert_chain(certs["client"]["cert"], certs["client"]["key"])
+    host, port = tls_agent.address.rsplit(":", 1)
+    session = f"s-leaves-{len(leaves)}"
+    s = ctx.wrap_socket(socket.create_connection((host, int(port)), 10), server_hostname=host)
+    send_frame(s, {"op": "hello", "session": session, "secret": "x", "fraction": 0.25})
+    assert recv_frame(s)[0] == {"handover": "tls"}
+    if leaves == "before the worker's handshake":
+        s.unwrap()
+        raw = socket.socket(fileno=s.detach())
+        raw.settimeout(10)
+        assert raw.recv(1) == tls.GO_AHEAD
+        raw.close()
+    else:
+        s.close()
+
+    def listed():
+        sessions = query_inventory_as(certs, tls_agent.address)["sessions"]
+        return any(x["session"] == session for x in sessions)
+
+    deadline = time.monotonic() + 20
+    while listed() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not listed()
+
+
 def test_agents_on_changing_addresses_can_share_one_certificate_name(tmp_path, make_agent):
     pod_certs = make_certs(tmp_path, hosts=["gpu-agents.internal"])  # no IP in it
     agent = make_agent(*tls_args(pod_certs))
