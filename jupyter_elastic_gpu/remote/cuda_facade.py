@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from collections import namedtuple
 
 import torch
@@ -159,6 +160,22 @@ def _load(fn):
         return fn(f, *args, map_location=map_location, **kwargs)
 
     return load
+
+
+def _compile(fn):
+    # torch.compile generates kernels for a local device (and asks the CUDA runtime this
+    # process does not have); "cuda" here is remote and runs eager ops, batched to the agent.
+    # Skipping the compile, loudly, keeps unchanged notebooks running.
+    @functools.wraps(fn)
+    def compile(model=None, **kwargs):
+        warnings.warn(
+            "torch.compile is skipped in a remote-GPU process: the model runs eagerly "
+            "(its ops are batched to the GPU agent)",
+            stacklevel=2,
+        )
+        return (lambda m: m) if model is None else model
+
+    return compile
 
 
 def _tree_to(obj, device):
@@ -421,6 +438,7 @@ def install(session) -> None:
     _patch(torch.Tensor, "cuda", _tensor_cuda)
     _patch(torch.amp.autocast_mode.autocast, "__init__", _autocast_init)
     _patch(torch, "load", _load)
+    _patch(torch, "compile", _compile)
     from . import autocast, sdpa
 
     autocast.register()
