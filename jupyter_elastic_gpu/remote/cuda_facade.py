@@ -87,9 +87,30 @@ def _with_device_kwarg(fn):
         d = kwargs.get("device")
         if d is not None:
             kwargs["device"] = map_device(d)
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # see _pin_memory
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _pin_memory(fn):
+    # Pinned host memory serves a local GPU's DMA; this process's GPU is remote (its data
+    # goes through a socket), so pinning is what it is for an unpinned tensor: a copy, here
+    # into ordinary memory. DataLoader(pin_memory=True) in notebooks then just works.
+    @functools.wraps(fn)
+    def pin_memory(self, *args, **kwargs):
+        return self if isinstance(self, backend.RemoteTensor) else self.clone()
+
+    return pin_memory
+
+
+def _is_pinned(fn):
+    @functools.wraps(fn)
+    def is_pinned(self, *args, **kwargs):
+        return False
+
+    return is_pinned
 
 
 def _from_data(fn):
@@ -435,6 +456,8 @@ def install(session) -> None:
     for n in _TENSOR_METHODS_WITH_DEVICE:
         _patch(torch.Tensor, n, _with_device_kwarg)
     _patch(torch.Tensor, "to", _tensor_to)
+    _patch(torch.Tensor, "pin_memory", _pin_memory)
+    _patch(torch.Tensor, "is_pinned", _is_pinned)
     _patch(torch.Tensor, "cuda", _tensor_cuda)
     _patch(torch.amp.autocast_mode.autocast, "__init__", _autocast_init)
     _patch(torch, "load", _load)

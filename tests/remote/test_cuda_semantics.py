@@ -115,6 +115,21 @@ def test_torch_compile_runs_the_model_eagerly_with_a_warning(remote):
     assert f(torch.ones(3, device="cuda")).item() == 6.0
 
 
+def test_pinned_memory_and_dataloader_pin_memory_work(remote):
+    """Pinning serves a local GPU's DMA; with a remote GPU it is a plain copy, so
+    DataLoader(pin_memory=True) and .pin_memory() in unchanged notebooks run."""
+    t = torch.arange(4.0)
+    p = t.pin_memory()
+    assert torch.equal(p, t) and p.data_ptr() != t.data_ptr() and not p.is_pinned()
+    assert torch.empty(3, pin_memory=True).shape == (3,)
+    ds = torch.utils.data.TensorDataset(torch.arange(8.0).view(4, 2))
+    sums = [
+        b.cuda(non_blocking=True).sum().item()
+        for (b,) in torch.utils.data.DataLoader(ds, batch_size=2, pin_memory=True)
+    ]
+    assert sums == [6.0, 22.0]
+
+
 def test_save_and_load_state_dicts(remote, tmp_path):
     model = nn.Linear(3, 2).cuda()
     path = tmp_path / "m.pt"
