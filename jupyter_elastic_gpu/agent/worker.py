@@ -342,6 +342,29 @@ class Worker:
                 raise ValueError("seed must be an integer")
             torch.manual_seed(seed)
             return self.reply(self.status())
+        if op in ("get_rng_state", "set_rng_state"):
+            idx = h.get("device", 0)
+            if type(idx) is not int or not 0 <= idx < len(self.devices):
+                raise ValueError(f"no device {idx!r} in this session")
+            self.sync()
+            cuda = self.device_kind == "cuda"
+            if op == "get_rng_state":
+                state = (
+                    torch.cuda.get_rng_state(self.devices[idx]) if cuda else torch.get_rng_state()
+                )
+                return self.reply(self.status(), [state.numpy()])
+            if len(bufs) != 1:
+                raise ProtocolError("set_rng_state takes one buffer")
+            state = (
+                torch.frombuffer(bufs[0], dtype=torch.uint8)
+                if len(bufs[0])
+                else torch.empty(0, dtype=torch.uint8)
+            )
+            if cuda:
+                torch.cuda.set_rng_state(state, self.devices[idx])
+            else:
+                torch.set_rng_state(state)
+            return self.reply(self.status())
         if op == "empty_cache":
             if self.device_kind == "cuda":
                 torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ intercepting every op, so ops without device arguments pay nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -262,6 +263,26 @@ class RemoteEvent:
         return (end._t - self._t) * 1000.0
 
 
+class _DeviceContext:
+    """``with torch.cuda.device(i):``: checks the ordinal; ops keep naming their device."""
+
+    def __init__(self, facade, device):
+        self.idx = None if device is None or (isinstance(device, int) and device < 0) else device
+        self.facade = facade
+
+    def __enter__(self):
+        if self.idx is not None:
+            self.facade._index(self.idx)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _no_op(*args, **kwargs):
+    return 0
+
+
 _Props = namedtuple(
     "_CudaDeviceProperties",
     "name total_memory major minor multi_processor_count gpu_total_memory fraction is_remote",
@@ -357,6 +378,46 @@ class CudaFacade:
 
     manual_seed_all = manual_seed
 
+    def _index(self, device) -> int:
+        if device is None or isinstance(device, int):
+            idx = device or 0
+        else:
+            idx = torch.device(map_device(device)).index or 0
+        self.set_device(idx)  # validates it
+        return idx
+
+    # RNG state lives on the agent: checkpoints (get_rng_state_all), torch.utils.checkpoint's
+    # preserve_rng_state and torch.random.fork_rng save and restore it through these.
+    def get_rng_state(self, device="cuda"):
+        _, bufs = self.session.request({"op": "get_rng_state", "device": self._index(device)})
+        return torch.frombuffer(bufs[0], dtype=torch.uint8).clone()
+
+    def get_rng_state_all(self):
+        return [self.get_rng_state(i) for i in range(self.device_count())]
+
+    def set_rng_state(self, new_state, device="cuda"):
+        state = new_state.detach().cpu().contiguous().view(torch.uint8).numpy()
+        self.session.request({"op": "set_rng_state", "device": self._index(device)}, [state])
+
+    def set_rng_state_all(self, new_states):
+        for i, state in enumerate(new_states):
+            self.set_rng_state(state, i)
+
+    def memory_summary(self, device=None, abbreviated=False):
+        m = self._memory()
+        mib = 1 << 20
+        return (
+            f"remote GPU slice ({self._info()['name']}, {self._info()['fraction']:g} of it): "
+            f"allocated {m['allocated'] / mib:.1f} MiB, reserved {m['reserved'] / mib:.1f} MiB, "
+            f"peak {m['max_allocated'] / mib:.1f} MiB, cap {m['cap'] / mib:.1f} MiB"
+        )
+
+    def ipc_collect(self):
+        pass
+
+    def device(self, device):
+        return _DeviceContext(self, device)
+
     def _is_in_bad_fork(self):
         return False
 
@@ -417,6 +478,13 @@ _FACADE_NAMES = [
     "reset_peak_memory_stats",
     "manual_seed",
     "manual_seed_all",
+    "get_rng_state",
+    "get_rng_state_all",
+    "set_rng_state",
+    "set_rng_state_all",
+    "memory_summary",
+    "ipc_collect",
+    "device",
     "_is_in_bad_fork",
     "_lazy_init",
     "is_current_stream_capturing",
@@ -443,6 +511,20 @@ def install(session) -> None:
     for n in _FACADE_NAMES:  # rebound on every install: each session has its own facade
         _original.setdefault((torch.cuda, n), getattr(torch.cuda, n, None))
         setattr(torch.cuda, n, getattr(facade, n))
+    # torch.utils.checkpoint saves device RNG state only for an initialized device module.
+    _original.setdefault((torch.cuda, "_initialized"), torch.cuda._initialized)
+    torch.cuda._initialized = True
+    import torch.cuda.random as cuda_random
+
+    for n in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
+        _original.setdefault((cuda_random, n), getattr(cuda_random, n))
+        setattr(cuda_random, n, getattr(facade, n))
+    # Profiling markers have no local GPU to annotate.
+    for n in ("range_push", "range_pop", "range_start", "range_end", "mark"):
+        _original.setdefault((torch.cuda.nvtx, n), getattr(torch.cuda.nvtx, n))
+        setattr(torch.cuda.nvtx, n, _no_op)
+    _original.setdefault((torch.cuda.nvtx, "range"), torch.cuda.nvtx.range)
+    torch.cuda.nvtx.range = contextlib.nullcontext
     # CUDA builds ask the graphs module directly (optimizers' capture health check).
     import torch.cuda.graphs as graphs
 

@@ -130,6 +130,44 @@ def test_pinned_memory_and_dataloader_pin_memory_work(remote):
     assert sums == [6.0, 22.0]
 
 
+def test_rng_state_round_trips_so_checkpointing_replays_dropout(remote):
+    state = torch.cuda.get_rng_state()
+    a = torch.rand(5, device="cuda")
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(5, device="cuda").cpu(), a.cpu())
+    assert len(torch.cuda.random.get_rng_state_all()) == torch.cuda.device_count()
+    with torch.random.fork_rng(devices=[0], device_type="cuda"):
+        torch.rand(3, device="cuda")
+    b = torch.rand(5, device="cuda")  # fork_rng put the state back: the draw after a
+    torch.cuda.set_rng_state(state)
+    torch.rand(5, device="cuda")
+    assert torch.equal(torch.rand(5, device="cuda").cpu(), b.cpu())
+
+    # Activation checkpointing re-runs the forward with the saved RNG state: same dropout mask.
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).cuda()
+    x = torch.randn(4, 8, device="cuda", requires_grad=True)
+    torch.cuda.manual_seed(1)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+    g_ckpt = x.grad.cpu()
+    x.grad = None
+    torch.cuda.manual_seed(1)
+    layer(x).sum().backward()
+    assert torch.equal(x.grad.cpu(), g_ckpt)
+
+
+def test_profiling_markers_and_device_contexts_are_harmless(remote):
+    torch.cuda.nvtx.range_push("step")
+    torch.cuda.nvtx.range_pop()
+    with torch.cuda.nvtx.range("fwd"), torch.cuda.device(0):
+        y = torch.ones(2, device="cuda") * 3
+    assert y.sum().item() == 6.0
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        with torch.cuda.device(5):
+            pass
+    assert "remote GPU slice" in torch.cuda.memory_summary()
+
+
 def test_save_and_load_state_dicts(remote, tmp_path):
     model = nn.Linear(3, 2).cuda()
     path = tmp_path / "m.pt"
