@@ -309,6 +309,13 @@ def test_unknown_requests_and_bad_ids_get_clear_errors(agent):
         )
         reply = request(s, {"op": "manual_seed", "seed": "x"})
         assert "integer" in reply["error"]["message"]
+        for device in (7, -1, "0", None):
+            reply = request(s, {"op": "get_rng_state", "device": device})
+            assert "no device" in reply["error"]["message"], reply
+        assert request(s, {"op": "set_rng_state", "device": 0})["error"]["type"] == "ProtocolError"
+        garbage = request(s, {"op": "set_rng_state", "device": 0}, [b"\x00" * 7])
+        assert garbage["error"]["op"] is None and "Traceback" not in garbage["error"]["message"]
+        assert request(s, {"op": "get_rng_state", "device": 0}).get("ok")
         assert request(s, {"op": "sync"}).get("ok")
     finally:
         s.close()
