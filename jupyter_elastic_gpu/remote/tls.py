@@ -51,10 +51,16 @@ def client_context() -> ssl.SSLContext | None:
     files = client_files()
     if not files:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=files["ca"])
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if "cert" in files:
-        ctx.load_cert_chain(files["cert"], files.get("key"))
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=files["ca"])
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if "cert" in files:
+            ctx.load_cert_chain(files["cert"], files.get("key"))
+    except (OSError, ssl.SSLError) as e:
+        named = ", ".join(f"{role} {path}" for role, path in files.items())
+        raise TLSRefused(
+            f"cannot use the TLS files set in the environment ({named}): {e}"
+        ) from None
     return ctx
 
 

@@ -349,6 +349,14 @@ def test_agents_on_changing_addresses_can_share_one_certificate_name(tmp_path, m
     assert ok.returncode == 0 and ok.stdout.strip() == "2.0", ok.stderr[-600:]
 
 
+def test_a_kernel_with_a_wrong_tls_setting_says_which_file(tls_agent, tmp_path):
+    code = 'remote.attach(__import__("os").environ["AGENT"])\ntorch.ones(1, device="cuda").item()'
+    out = client(tls_agent.address, code, {"ELASTIC_GPU_TLS_CA": str(tmp_path / "nope.crt")})
+    assert out.returncode != 0
+    assert "AgentUnavailable: cannot use the TLS files" in out.stderr, out.stderr[-600:]
+    assert "nope.crt" in out.stderr
+
+
 def test_an_agent_with_unreadable_tls_files_says_so(tmp_path):
     port = free_port()
     out = subprocess.run(
