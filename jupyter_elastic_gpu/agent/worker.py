@@ -2,7 +2,9 @@
 
 The agent hands the client's connection to this process (SCM_RIGHTS), so ops flow from
 client to worker with no hop through the agent, and a crash or sticky CUDA error here ends
-only this session. The agent talks to the worker over a control socket (swap, stop).
+only this session. The agent talks to the worker over a control socket (assign, connection
+hand-over, swap, interrupt, stop). Workers start before their session exists, as the agent's
+spares, and with TLS each terminates its own session's TLS (see remote/tls.py).
 """
 
 from __future__ import annotations
