@@ -1,4 +1,4 @@
-"""``jupyter-elastic-gpu`` (also ``jupyter elastic-gpu``): agent, broker, kernelspecs, run, tls-certs."""
+"""``jupyter-elastic-gpu`` (also ``jupyter elastic-gpu``): agent, broker, kernelspecs, run, check, tls-certs."""
 
 from __future__ import annotations
 
@@ -147,6 +147,12 @@ def _kernelspecs(argv):
     return main(argv)
 
 
+def _check(argv):
+    from .remote.check import main
+
+    return main(argv)
+
+
 def _tls_certs(argv):
     from .agent.certs import main
 
@@ -159,6 +165,7 @@ COMMANDS = {
     "broker": _broker,
     "kernelspecs": _kernelspecs,
     "tls-certs": _tls_certs,
+    "check": _check,
 }
 
 
@@ -166,11 +173,12 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: jupyter-elastic-gpu {agent,broker,kernelspecs,run,tls-certs} ...\n\n"
+            "usage: jupyter-elastic-gpu {agent,broker,kernelspecs,run,check,tls-certs} ...\n\n"
             "  agent        serve GPU slices on this node (--device cuda|cpu)\n"
             "  broker       the quota/lease service (normally started by JupyterHub)\n"
             "  kernelspecs  install 'Python 3 (GPU: 0.5)' kernelspecs\n"
             "  run          run a Python program with a remote GPU: run --gpu 0.5 --agent H:P -- python x.py\n"
+            "  check        can this process reach its broker and agents (TLS, tokens)?\n"
             "  tls-certs    make a CA and certificates for TLS on the data plane",
             file=sys.stderr,
         )

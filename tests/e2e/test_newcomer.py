@@ -182,6 +182,13 @@ def test_run_a_script_through_the_hub(hub, tmp_path):
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
 
+    check = subprocess.run(
+        [sys.executable, "-m", "jupyter_elastic_gpu", "check", "--broker", api],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr[-2000:]
+    assert "user carol, limit 0.25 GPU" in check.stdout and "device=cpu" in check.stdout
+
     ok = run("0.25")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "result True" in ok.stdout

@@ -357,6 +357,20 @@ def test_a_kernel_with_a_wrong_tls_setting_says_which_file(tls_agent, tmp_path):
     assert "nope.crt" in out.stderr
 
 
+def test_check_says_how_an_agent_is_reached_and_what_is_missing(tls_agent, certs):
+    def check(env):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_GPU_")}
+        cmd = [sys.executable, "-m", "jupyter_elastic_gpu", "check", "--agent", tls_agent.address]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**full, **env})
+
+    good = check(tls_env(certs))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "transport: TLS" in good.stdout and f"agent {tls_agent.address}: ok" in good.stdout
+    bad = check({})
+    assert bad.returncode == 1
+    assert "transport: plaintext" in bad.stdout and "requires TLS" in bad.stdout
+
+
 def test_an_agent_with_unreadable_tls_files_says_so(tmp_path):
     port = free_port()
     out = subprocess.run(
