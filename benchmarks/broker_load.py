@@ -27,20 +27,13 @@ from pathlib import Path
 
 import requests
 
+from jupyter_elastic_gpu.agent.local import free_port
 from jupyter_elastic_gpu.broker.client import BrokerClient
 
 
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):

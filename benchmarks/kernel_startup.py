@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from traitlets.config import Config
+
+from jupyter_elastic_gpu.agent.local import free_port, wait_for_port
 
 TOKEN = "bench-token"
 AGENT_TOKEN = "bench-agent-token"
@@ -48,25 +49,6 @@ ATTACH_CELL = (
     "torch.ones(1, device='cuda').sum().item()\n"
     "print('EGPU', _t1 - _t0, time.perf_counter() - _t1)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing on port {port}")
 
 
 class Procs:
@@ -190,7 +172,7 @@ def main():
         b = procs.start(
             [sys.executable, "-m", "jupyter_elastic_gpu.broker", "-f", str(cfg)], tmp / "broker.log"
         )
-        wait_port(bport, b)
+        wait_for_port(bport, b)
         (tmp / "secret").write_text(SECRET)
         agents = {}
         for mode, extra in (("direct", []), ("broker", ["--broker-url", api, "--agent-token", AGENT_TOKEN,
@@ -198,7 +180,7 @@ def main():
             port = free_port()
             a = procs.start([sys.executable, "-m", "jupyter_elastic_gpu", "agent", "--device", opts.device,
                              "--listen", f"127.0.0.1:{port}", *extra], tmp / f"agent-{mode}.log")  # fmt: skip
-            wait_port(port, a)
+            wait_for_port(port, a)
             agents[mode] = f"127.0.0.1:{port}"
         time.sleep(1.0)  # registration
         setups = {

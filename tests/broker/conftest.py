@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,18 +21,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from jupyter_elastic_gpu.agent.local import free_port
 from jupyter_elastic_gpu.broker.client import BrokerClient
 
 AGENT_TOKEN = "test-agent-token"
 LEASE_SECRET = "test-lease-secret"
 PREFIX = "/services/elastic-gpu/"
 USERS = ("alice", "bob", "carol", "admin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0, ok=(200,)):

@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import nbformat
 import requests
+
+from jupyter_elastic_gpu.agent.local import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_CONFIG = REPO / "config" / "jupyterhub_config.py"
@@ -27,12 +28,6 @@ DEMO_PASSWORDS = {
     "carol": "carol-demo",
     "admin": "admin-demo",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,16 +28,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from jupyter_elastic_gpu.agent.local import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BUILT_LABEXTENSION = REPO / "jupyter_elastic_gpu" / "labextension"
 API_PREFIX = "/services/elastic-gpu/api/"
 GiB = 1 << 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- fake broker
