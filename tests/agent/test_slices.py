@@ -247,15 +247,15 @@ def _wait(predicate, timeout=60.0):
     raise AssertionError("timed out")
 
 
+def _ready_spares(agent):
+    spares = query_inventory(agent.address)["agent"]["spare_workers"]
+    return [s["pid"] for s in spares if s["ready"]]
+
+
 def test_a_new_session_takes_a_spare_worker_and_another_starts(make_agent):
     agent = make_agent("--spare-workers", "1")
 
-    def ready_spares():
-        return [
-            s["pid"] for s in query_inventory(agent.address)["agent"]["spare_workers"] if s["ready"]
-        ]
-
-    [spare] = _wait(ready_spares)
+    [spare] = _wait(lambda: _ready_spares(agent))
     prog = textwrap.dedent(f"""
         import sys, torch
         from jupyter_elastic_gpu import remote
@@ -270,7 +270,7 @@ def test_a_new_session_takes_a_spare_worker_and_another_starts(make_agent):
         assert client.stdout.readline().strip() == "3.0"
         # The session runs in the spare, whose torch import was done before the client came...
         assert [s["pid"] for s in query_inventory(agent.address)["sessions"]] == [spare]
-        [replacement] = _wait(ready_spares)
+        [replacement] = _wait(lambda: _ready_spares(agent))
         assert replacement != spare  # ...and a fresh spare took its place
     finally:
         client.stdin.close()
@@ -280,14 +280,9 @@ def test_a_new_session_takes_a_spare_worker_and_another_starts(make_agent):
 def test_a_dead_spare_is_replaced(make_agent):
     agent = make_agent("--spare-workers", "1")
 
-    def ready_spares():
-        return [
-            s["pid"] for s in query_inventory(agent.address)["agent"]["spare_workers"] if s["ready"]
-        ]
-
-    [spare] = _wait(ready_spares)
+    [spare] = _wait(lambda: _ready_spares(agent))
     os.kill(spare, signal.SIGKILL)
-    [replacement] = _wait(lambda: [p for p in ready_spares() if p != spare])
+    [replacement] = _wait(lambda: [p for p in _ready_spares(agent) if p != spare])
     assert replacement != spare
     out = run_client(agent.address, "print(torch.ones(2, device='cuda').sum().item())")
     assert out.returncode == 0 and out.stdout.strip() == "2.0", out.stderr
