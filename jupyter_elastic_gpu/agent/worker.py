@@ -24,7 +24,7 @@ import time
 import torch
 
 from ..remote.tls import GO_AHEAD, server_context
-from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal
+from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal, tensor_from_buffer
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
 
@@ -357,11 +357,7 @@ class Worker:
                 return self.reply(self.status(), [state.numpy()])
             if len(bufs) != 1:
                 raise ProtocolError("set_rng_state takes one buffer")
-            state = (
-                torch.frombuffer(bufs[0], dtype=torch.uint8)
-                if len(bufs[0])
-                else torch.empty(0, dtype=torch.uint8)
-            )
+            state = tensor_from_buffer({"dtype": "uint8", "shape": [len(bufs[0])]}, bufs[0])
             if cuda:
                 torch.cuda.set_rng_state(state, self.devices[idx])
             else:

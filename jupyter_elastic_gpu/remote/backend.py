@@ -110,8 +110,9 @@ class RemoteTensor(torch.Tensor):
 
     def new_tensor(self, data, dtype=None, device=None, requires_grad=False, **kw):
         if isinstance(data, torch.Tensor):
-            return data.detach().to(device or self.device, dtype or self.dtype).clone()
-        t = torch.tensor(data, dtype=dtype or self.dtype, device=device or self.device)
+            t = data.detach().to(device or self.device, dtype or self.dtype).clone()
+        else:
+            t = torch.tensor(data, dtype=dtype or self.dtype, device=device or self.device)
         return t.requires_grad_(requires_grad)
 
     def __reduce_ex__(self, proto):
