@@ -43,9 +43,10 @@ def _apply(self, fn, recurse=True):
     swap = any(
         new is not p and (_is_remote(p) or _is_remote(new)) for p, new in zip(params, applied, strict=True)
     )
-    if swap and any(weakref.getweakrefs(p) for p in params):
-        # swap_tensors refuses weakly referenced tensors; a new Parameter, as torch does for
-        # tensor types that cannot be swapped, is the next best thing.
+    if swap and any(weakref.getweakrefs(p) or p._use_count() > 1 for p in params):
+        # swap_tensors refuses weakly referenced tensors and ones a live autograd graph holds
+        # (an output of the model not yet backwarded): a new Parameter, as torch makes for
+        # tensor types it cannot swap, is the next best thing.
         swap = False
     done = {id(p): new for p, new in zip(params, applied, strict=True)}
     del applied

@@ -151,3 +151,11 @@ def test_cpu_only_moves_are_left_to_torch(remote):
     model.double()
     assert model.weight is weight and type(weight) is nn.Parameter
     assert weight.dtype == torch.float64
+
+
+def test_a_parameter_held_by_a_live_graph_still_moves(remote):
+    model = nn.Linear(2, 1)
+    out = model(torch.ones(1, 2))  # its graph holds the CPU weight
+    model.cuda()
+    assert model.weight.is_cuda
+    out.sum().backward()  # the CPU graph still runs
