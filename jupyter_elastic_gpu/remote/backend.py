@@ -125,9 +125,9 @@ class RemoteTensor(torch.Tensor):
         return t.requires_grad_(requires_grad)
 
     def __reduce_ex__(self, proto):
-        # Saved remote tensors are plain CPU tensors: loadable anywhere, and
-        # torch.load(map_location="cuda") brings them back to the remote GPU.
-        return self.detach().cpu().requires_grad_(self.requires_grad).__reduce_ex__(proto)
+        from .serialization import reduce_remote  # saved as CUDA tensors are: see there
+
+        return reduce_remote(self)
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
