@@ -63,5 +63,27 @@ def _apply(self, fn, recurse=True):
         torch.__future__.set_swap_module_params_on_conversion(previous)
 
 
+def _scatter(original):
+    # nn.DataParallel scatters its inputs even onto one device; torch's scatter is a CUDA
+    # kernel (torch._C._scatter) this client does not have, and for one device a copy is all
+    # it does.
+    @functools.wraps(original)
+    def scatter(tensor, devices=None, chunk_sizes=None, dim=0, streams=None, *, out=None):
+        if not _is_remote(tensor) and not (devices and out is None):
+            return original(tensor, devices, chunk_sizes, dim, streams, out=out)
+        devices = [torch.device(d).index or 0 if not isinstance(d, int) else d for d in devices]
+        if len(devices) != 1 or out is not None:
+            raise RuntimeError(
+                f"nn.DataParallel over {len(devices)} devices {devices} is not supported on the "
+                "remote GPU: use one device (device_ids=[0]) or DistributedDataParallel"
+            )
+        return (tensor.to(torch.device("cuda", devices[0])),)
+
+    return scatter
+
+
 def install() -> None:
     nn.Module._apply = _apply
+    from torch.nn.parallel import comm
+
+    comm.scatter = _scatter(comm.scatter)

@@ -26,3 +26,24 @@ def test_tensors_with_dimensions_format_as_torch_does_on_the_cpu(remote):
         assert str(remote_error.value) == str(cpu_error.value)
     x = torch.ones(2, device="cuda")
     assert f"{x}" == str(x) == "tensor([1., 1.], device='cuda:0')"
+
+
+def test_data_parallel_on_the_one_gpu_trains(remote):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    for device_ids in (None, [0]):
+        dp = torch.nn.DataParallel(model.cuda(), device_ids=device_ids)
+        x = torch.randn(4, 3)
+        y = dp(x.cuda())
+        assert y.is_cuda and torch.allclose(y.cpu(), reference(x), atol=1e-6)
+        y.sum().backward()
+        assert model.weight.grad.is_cuda
+
+
+def test_data_parallel_over_more_gpus_than_the_session_has_is_a_clear_error(remote):
+    model = torch.nn.Linear(3, 2).cuda()
+    with pytest.raises(RuntimeError, match=r"nn.DataParallel over 2 devices \[0, 1\] is not"):
+        dp = torch.nn.DataParallel(model, device_ids=[0, 1])
+        dp(torch.randn(4, 3, device="cuda"))
