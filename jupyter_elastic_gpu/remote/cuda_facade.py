@@ -175,18 +175,6 @@ def _autocast_init(fn):
     return __init__
 
 
-def _load(fn):
-    @functools.wraps(fn)
-    def load(f, map_location=None, *args, **kwargs):
-        target = map_location
-        if isinstance(target, (str, torch.device)) and str(target).startswith("cuda"):
-            obj = fn(f, *args, map_location="cpu", **kwargs)
-            return _tree_to(obj, map_device(target))
-        return fn(f, *args, map_location=map_location, **kwargs)
-
-    return load
-
-
 def _compile(fn):
     # torch.compile generates kernels for a local device (and asks the CUDA runtime this
     # process does not have); "cuda" here is remote and runs eager ops, batched to the agent.
@@ -201,16 +189,6 @@ def _compile(fn):
         return (lambda m: m) if model is None else model
 
     return compile
-
-
-def _tree_to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return type(obj)((k, _tree_to(v, device)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_tree_to(v, device) for v in obj)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------
@@ -1043,7 +1021,9 @@ def install(session) -> None:
     _patch(torch.Tensor, "is_pinned", _is_pinned)
     _patch(torch.Tensor, "cuda", _tensor_cuda)
     _patch(torch.amp.autocast_mode.autocast, "__init__", _autocast_init)
-    _patch(torch, "load", _load)
+    from . import serialization
+
+    serialization.install()  # torch.load/save of "cuda" tensors: see there
     _patch(torch, "compile", _compile)
     from . import autocast, sdpa
 
