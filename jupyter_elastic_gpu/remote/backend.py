@@ -96,6 +96,15 @@ class RemoteTensor(torch.Tensor):
 
     __str__ = __repr__
 
+    def __format__(self, format_spec):
+        # torch formats only plain 0-dim Tensors as numbers (f"{loss:.3f}"); for any other
+        # tensor it says the same as torch does for a CPU tensor of that shape.
+        if self.dim() == 0:
+            return self.detach().item().__format__(format_spec)
+        if format_spec:
+            raise TypeError("unsupported format string passed to Tensor.__format__")
+        return str(self)
+
     def tolist(self):
         return self.cpu().tolist()
 
@@ -116,9 +125,9 @@ class RemoteTensor(torch.Tensor):
         return t.requires_grad_(requires_grad)
 
     def __reduce_ex__(self, proto):
-        # Saved remote tensors are plain CPU tensors: loadable anywhere, and
-        # torch.load(map_location="cuda") brings them back to the remote GPU.
-        return self.detach().cpu().requires_grad_(self.requires_grad).__reduce_ex__(proto)
+        from .serialization import reduce_remote  # saved as CUDA tensors are: see there
+
+        return reduce_remote(self)
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -428,4 +437,7 @@ def register_backend(backend_module) -> None:
 
     if RemoteTensor not in optimizer._foreach_supported_types:
         optimizer._foreach_supported_types.append(RemoteTensor)
+    from . import modules
+
+    modules.install()
     _registered = True

@@ -172,7 +172,7 @@ def test_save_and_load_state_dicts(remote, tmp_path):
     model = nn.Linear(3, 2).cuda()
     path = tmp_path / "m.pt"
     torch.save(model.state_dict(), path)
-    on_cpu = torch.load(path)
+    on_cpu = torch.load(path, map_location="cpu")
     assert on_cpu["weight"].device.type == "cpu"
     torch.testing.assert_close(on_cpu["weight"], model.weight.detach().cpu())
     back = torch.load(path, map_location="cuda")
@@ -183,7 +183,7 @@ def test_save_and_load_state_dicts(remote, tmp_path):
     buf = io.BytesIO()
     torch.save(torch.arange(4, device="cuda"), buf)
     buf.seek(0)
-    assert torch.load(buf).tolist() == [0, 1, 2, 3]
+    assert torch.load(buf).is_cuda and torch.load(io.BytesIO(buf.getvalue())).tolist() == [0, 1, 2, 3]
 
 
 def test_memory_accounting_follows_allocations(remote):
