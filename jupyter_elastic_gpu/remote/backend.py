@@ -217,6 +217,26 @@ def _encode(v, sig, bufs, inputs):
     raise NotImplementedError(f"cannot send an argument of type {t.__name__} to the remote GPU")
 
 
+def _encode_args(args, sig, bufs, inputs):
+    """``_encode`` of an op's positional arguments (same wire form, same cache key), with
+    remote tensors and plain scalars inline: they are nearly all arguments of nearly all ops,
+    and this runs once per op."""
+    sig.append(len(args))
+    out = []
+    for v in args:
+        t = type(v)
+        if t is RemoteTensor and v._sess is _session:
+            sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
+            inputs.append(v)
+            out.append({"t": v._rid})
+        elif t is float or t is int or t is bool or v is None:
+            sig.append((t, v))
+            out.append(v)
+        else:
+            out.append(_encode(v, sig, bufs, inputs))
+    return out
+
+
 def _to_meta(v, metas):
     """Meta stand-ins for an op's arguments; ``metas`` gets those of remote tensors, in order."""
     if isinstance(v, RemoteTensor):
@@ -316,9 +336,13 @@ def _forward(func, args, kwargs):
     sig = [func]
     bufs = []
     inputs = []  # remote tensor arguments in order, for ops that return one of them
-    eargs = _encode(args, sig, bufs, inputs)
-    ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
-    sig.append(tuple(kwargs))
+    eargs = _encode_args(args, sig, bufs, inputs)
+    if kwargs:
+        ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
+        sig.append(tuple(kwargs))
+    else:
+        ekwargs = {}
+        sig.append(())
     if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
         raise RuntimeError(
             "Expected all tensors to be on the same device, but found at least two "

@@ -121,7 +121,7 @@ class RemoteSession:
         self.epoch = 0  # bumped by each interrupt; batches carry it
         self._closed = False
         self._lost: AgentUnavailable | None = None  # a broken connection the flusher found
-        self.stats = {"ops": 0, "batches": 0, "requests": 0}
+        self.stats = {"ops": 0, "batches": 0, "requests": 0, "bytes_up": 0, "bytes_down": 0}
         self.on_attach = []  # callbacks(session) after a lease is taken
         self._flusher = threading.Thread(target=self._flush_loop, name="egpu-flusher", daemon=True)
         self._flusher.start()
@@ -156,6 +156,7 @@ class RemoteSession:
         freed, self.freed = self.freed, []
         header = {"op": "batch", "ops": self._pending, "free": freed, "epoch": self.epoch}
         self.stats["batches"] += 1
+        self.stats["bytes_up"] += self._buf_bytes
         bufs = [b.view(-1).view(torch.uint8).numpy() if b.numel() else b"" for b in self._bufs]
         self._pending, self._bufs, self._buf_bytes = [], [], 0
         self._send(header, bufs)
@@ -263,6 +264,7 @@ class RemoteSession:
     # -- sync points ------------------------------------------------------------------------
     def fetch(self, x) -> torch.Tensor:
         reply, bufs = self.request({"op": "fetch", "t": x._rid})
+        self.stats["bytes_down"] += len(bufs[0])
         local = tensor_from_buffer(reply["tensor"], bufs[0])
         if local.stride() == x.stride() or not _dense(x):
             return local

@@ -295,7 +295,9 @@ def ctrl_c_drops_queued_work(n):
 
 
 def test_interrupt_stops_queued_remote_work_and_the_next_call_works(remote):
-    ctrl_c_drops_queued_work(256 if AGENT_DEVICE == "cpu" else 8192)
+    # Seconds of queued work even when the client issues slowly (a loaded machine): the agent
+    # must still be busy with it when Ctrl-C comes.
+    ctrl_c_drops_queued_work(512 if AGENT_DEVICE == "cpu" else 8192)
 
 
 def test_a_lease_above_one_gpu_shows_several_devices(agent, own_session):
