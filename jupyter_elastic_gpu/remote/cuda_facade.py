@@ -257,7 +257,7 @@ def _lazy_init() -> None:
 
 @_cuda
 def _is_in_bad_fork() -> bool:
-    return backend._session is not None and backend._session.forked
+    return getattr(backend._session, "forked", False)
 
 
 @_cuda
