@@ -1023,6 +1023,22 @@ def _device_module() -> types.ModuleType:
     return mod
 
 
+# -- children: what a remote tensor becomes when sent to a spawned process (DataLoader
+# workers, multiprocessing). torch shares CPU storages through shared memory, which a
+# temporary CPU copy does not outlive; send its bytes instead (a spawned child has no GPU).
+
+
+def _rebuild_cpu(data: bytes, dtype: torch.dtype, shape, requires_grad: bool) -> torch.Tensor:
+    t = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    return t.reshape(shape).requires_grad_(requires_grad)
+
+
+def _reduce_for_child(t):
+    local = t.detach().cpu().contiguous()
+    raw = local.reshape(-1).view(torch.uint8).numpy().tobytes() if local.numel() else b""
+    return (_rebuild_cpu, (raw, local.dtype, tuple(local.shape), t.requires_grad))
+
+
 def install(session) -> None:
     backend.register_backend(_device_module())
     f = session.fraction
@@ -1031,6 +1047,9 @@ def install(session) -> None:
         _set(owner, name, new)
     # torch.utils.checkpoint saves device RNG state only for an initialized device module.
     _set(torch.cuda, "_initialized", True)
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.register(backend.RemoteTensor, _reduce_for_child)
     _install_accelerator()
     _install_cudnn()
     for n in _FACTORIES:
