@@ -740,7 +740,8 @@ class device_of(device):  # noqa: N801 - torch's name
         super().__init__(obj.get_device() if obj.is_cuda else -1)
 
 
-# -- graphs: capture queries answer "not capturing" (always true here); capturing raises.
+# -- graphs: capture queries answer "not capturing" (always true here); capture itself
+# (CUDAGraph, graph) raises: replay needs the captured kernels in this process.
 
 
 @_cuda
@@ -773,30 +774,6 @@ def make_graphed_callables(
 ):
     # A graphed callable is an optimisation with eager semantics: run them eagerly.
     return callables
-
-
-@_cuda
-class CUDAGraph:
-    """CUDA graph capture: replay needs the captured kernels in this process, so it raises."""
-
-    def __init__(self, keep_graph=False):
-        raise _no_local_gpu("CUDA graph capture (torch.cuda.CUDAGraph)")
-
-
-@_cuda
-class graph:  # noqa: N801 - torch's name
-    default_capture_stream = None
-
-    def __init__(
-        self,
-        cuda_graph=None,
-        pool=None,
-        stream=None,
-        capture_error_mode="global",
-        enable_annotations=False,
-        check_input_liveness=False,
-    ):
-        raise _no_local_gpu("CUDA graph capture (torch.cuda.graph)")
 
 
 @_cuda
@@ -847,6 +824,8 @@ def _unsupported_class(name: str, real):
                 ns[attr] = property(lambda self: None)
             elif kind == "routine":
                 ns[attr] = lambda self, *a, **k: None
+            else:
+                ns[attr] = getattr(real, attr, None)
     cls = type(name, (), ns)
     cls.__module__ = "torch.cuda"
     return cls
