@@ -718,7 +718,8 @@ class device_of(device):  # noqa: N801 - torch's name
         super().__init__(obj.get_device() if obj.is_cuda else -1)
 
 
-# -- graphs: capture queries answer "not capturing" (always true here); capturing raises.
+# -- graphs: capture queries answer "not capturing" (always true here); capture itself
+# (CUDAGraph, graph) raises: replay needs the captured kernels in this process.
 
 
 @_cuda
@@ -751,30 +752,6 @@ def make_graphed_callables(
 ):
     # A graphed callable is an optimisation with eager semantics: run them eagerly.
     return callables
-
-
-@_cuda
-class CUDAGraph:
-    """CUDA graph capture: replay needs the captured kernels in this process, so it raises."""
-
-    def __init__(self, keep_graph=False):
-        raise _no_local_gpu("CUDA graph capture (torch.cuda.CUDAGraph)")
-
-
-@_cuda
-class graph:  # noqa: N801 - torch's name
-    default_capture_stream = None
-
-    def __init__(
-        self,
-        cuda_graph=None,
-        pool=None,
-        stream=None,
-        capture_error_mode="global",
-        enable_annotations=False,
-        check_input_liveness=False,
-    ):
-        raise _no_local_gpu("CUDA graph capture (torch.cuda.graph)")
 
 
 @_cuda
@@ -825,6 +802,8 @@ def _unsupported_class(name: str, real):
                 ns[attr] = property(lambda self: None)
             elif kind == "routine":
                 ns[attr] = lambda self, *a, **k: None
+            else:
+                ns[attr] = getattr(real, attr, None)
     cls = type(name, (), ns)
     cls.__module__ = "torch.cuda"
     return cls
@@ -1001,6 +980,22 @@ def _device_module() -> types.ModuleType:
     return mod
 
 
+# -- children: what a remote tensor becomes when sent to a spawned process (DataLoader
+# workers, multiprocessing). torch shares CPU storages through shared memory, which a
+# temporary CPU copy does not outlive; send its bytes instead (a spawned child has no GPU).
+
+
+def _rebuild_cpu(data: bytes, dtype: torch.dtype, shape, requires_grad: bool) -> torch.Tensor:
+    t = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    return t.reshape(shape).requires_grad_(requires_grad)
+
+
+def _reduce_for_child(t):
+    local = t.detach().cpu().contiguous()
+    raw = local.reshape(-1).view(torch.uint8).numpy().tobytes() if local.numel() else b""
+    return (_rebuild_cpu, (raw, local.dtype, tuple(local.shape), t.requires_grad))
+
+
 def install(session) -> None:
     backend.register_backend(_device_module())
     f = session.fraction
@@ -1009,6 +1004,9 @@ def install(session) -> None:
         _set(owner, name, new)
     # torch.utils.checkpoint saves device RNG state only for an initialized device module.
     _set(torch.cuda, "_initialized", True)
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.register(backend.RemoteTensor, _reduce_for_child)
     _install_accelerator()
     _install_cudnn()
     for n in _FACTORIES:
