@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ..layouts import CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
 from ..remote.wire import (
     DTYPE_NAMES,
     DTYPES,
@@ -206,6 +207,10 @@ class SessionExecutor:
             k = {str(key): self.decode(val, bufs, base) for key, val in kwargs.items()} if kwargs else {}
             if self.cap_bytes is not None and op._schema.name in _FACTORIES:
                 self._precheck(op, a, k)
+            if op in CONVOLUTIONS:
+                return conform(op(*a, **k), a[0], a[1])
+            if op in LAYOUT_CHECKED:
+                a[0] = dense_input(a[0])
             return op(*a, **k)
         except torch.OutOfMemoryError as e:
             if "slice" not in str(e):  # the CUDA allocator's own message: say which slice
