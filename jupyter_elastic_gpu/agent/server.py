@@ -183,6 +183,10 @@ class SessionWorker:
         self.agent.swap_stats.append(
             {"direction": direction, "bytes": ev["bytes"], "seconds": ev["seconds"]}
         )
+        total = self.agent.swap_totals[direction]
+        total["count"] += 1
+        total["bytes"] += ev["bytes"]
+        total["seconds"] += ev["seconds"]
         log.info(
             "session %s swapped %s: %.1f MiB in %.3fs",
             self.session,
@@ -240,6 +244,8 @@ class Agent:
         self.spares: list[SessionWorker] = []
         self.mps = mps_daemon_running()
         self.swap_stats: list[dict] = []
+        # Since start, per direction: the recent list above is capped, benchmarks need totals.
+        self.swap_totals = {d: {"count": 0, "bytes": 0, "seconds": 0.0} for d in ("out", "in")}
         self.workers: dict[str, SessionWorker] = {}
         self._handed: dict[int, bool] = {}
         self.lock = threading.Lock()
@@ -468,6 +474,7 @@ class Agent:
                 "mps": self.mps,
                 "swap_policy": self.swap_policy,
                 "swaps": self.swap_stats[-20:],
+                "swap_totals": self.swap_totals,
                 "spare_workers": spares,
             },
             "gpus": gpu_inventory(self.device, self.cpu_memory_gib),
