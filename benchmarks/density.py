@@ -110,6 +110,7 @@ class Stack:
     def __init__(self, tmp: Path, *, users: int, gpus: int, device: str, memory_gib: float):
         self.tmp, self.device, self.memory_gib = tmp, device, memory_gib
         self.procs: list[subprocess.Popen] = []
+        self.groups: list[int] = []  # every process group started, users' too (for checks)
         self.tokens = {f"density-user-{i}": f"user{i}" for i in range(users)}
         port = free_port()
         self.api = f"http://127.0.0.1:{port}/services/elastic-gpu/api/"
@@ -142,6 +143,7 @@ class Stack:
     def _start(self, cmd, name, env=None) -> subprocess.Popen:
         proc = spawn(cmd, self.tmp / f"{name}.log", env=env)
         self.procs.append(proc)
+        self.groups.append(proc.pid)
         return proc
 
     def _wait_api(self):
@@ -282,6 +284,7 @@ def run_users(stack: Stack, mode: str, n: int, sessions, opts, chunk_s) -> dict:
         cmd = [sys.executable, "-m", "jupyter_elastic_gpu", "run", "--gpu", f"{fraction:g}"]
         cmd += [*where, "--", "python", str(USER), str(path), str(outs[-1])]
         procs.append(spawn(cmd, run_dir / f"user{i}.log", env=env, talk=True))
+        stack.groups.append(procs[-1].pid)
     addresses = [stack.timeslice_agent()] if mode == "timeslice" else stack.agents
     sampler = QueueSampler(stack.root)
     try:
@@ -542,6 +545,8 @@ def main(argv=None):
         "scale": opts.scale,
         "window_trace_s": opts.window,
         "trace": str(opts.trace),
+        "logs": str(tmp),
+        "process_groups": stack.groups,
         "chunk_s": opts.chunk_s if hasattr(opts, "chunk_s") else None,
         "rows": rows,
         "headline": headline(rows),
