@@ -11,7 +11,8 @@ is taken lazily at a cell's first GPU op, as in a GPU kernel. ``SPEC`` says what
 - ``memory_bytes`` stays resident between cells (model and optimizer state), so an idle
   session's tensors are what the agent swaps out under pressure;
 - a GPU cell does ``round(duration / chunk_s)`` chunks (at least one) of ``chunk_ops``
-  matmuls of ``matmul``² floats and a sync: fixed work, so contention shows as slowdown.
+  matmuls of ``matmul``² floats and a sync: fixed work, so contention shows as slowdown
+  (a cell still running at the end of the ``window`` is cut there).
 
 Protocol with the harness: after the warm-up (the notebook was opened and its model loaded
 before the measured window) the program prints ``ready`` and reads the common start time
@@ -101,7 +102,9 @@ def replay(spec: dict, out) -> None:
         if not cell["gpu"]:
             time.sleep(nominal)  # pandas, plots: no GPU op, no lease
         else:
-            chunks = max(1, round(nominal / spec["chunk_s"]))
+            # A cell still running at the window's end is cut there: runs stay bounded.
+            left = max(spec["chunk_s"], end - rec["t0"])
+            chunks = max(1, round(min(nominal, left) / spec["chunk_s"]))
             rec["chunks"] = chunks
             try:
                 was_attached = session.attached
