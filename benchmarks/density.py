@@ -107,8 +107,11 @@ class Stack:
     """The broker and its agents, the time-slicing agent, and every process started: ``close()``
     stops them all."""
 
-    def __init__(self, tmp: Path, *, users: int, gpus: int, device: str, memory_gib: float):
+    def __init__(
+        self, tmp: Path, *, users: int, gpus: int, device: str, memory_gib: float, swap_policy: str
+    ):
         self.tmp, self.device, self.memory_gib = tmp, device, memory_gib
+        self.swap_policy = swap_policy
         self.procs: list[subprocess.Popen] = []
         self.groups: list[int] = []  # every process group started, users' too (for checks)
         self.tokens = {f"density-user-{i}": f"user{i}" for i in range(users)}
@@ -170,6 +173,7 @@ class Stack:
         if broker:
             cmd += ["--broker-url", self.api, "--agent-token", AGENT_TOKEN]
             cmd += ["--lease-secret-file", str(self.tmp / "lease_secret")]
+            cmd += ["--swap-policy", self.swap_policy]
         else:  # time-slicing: no leases, no caps beyond the GPU, nobody swapped out
             cmd += ["--swap-policy", "never"]
         proc = self._start(cmd, f"agent-{agent_id}", env)
@@ -340,7 +344,8 @@ def summarize(mode, n, opts, records, samples, start, end) -> dict:
         (r["t_end"] - r["t_ready"]) / (r["chunks"] * opts.chunk_s) for r in ok if r["chunks"] >= 3
     ]
     ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
-    busy = busy_fraction(ok, start, end)
+    # Over the replayed window: users still thinking at its end add nothing.
+    busy = busy_fraction(ok, start, min(end, start + opts.window * opts.scale))
     return {
         "mode": mode,
         "users": n,
@@ -426,7 +431,7 @@ def table(rows) -> str:
         lines.append(
             f"| {r['mode']} | {r['users_per_gpu']:g} | {r['cells_gpu']} | {r['cells_failed']} | "
             f"{t['p50']} / {t['p95']} / {t['p99']} | {r['wait_ms']['p95']} ms | "
-            f"{r['broker_ms']['p95']} / {r['hello_ms']['p95']} ms | "
+            f"{r.get('broker_ms', {}).get('p95', '-')} / {r.get('hello_ms', {}).get('p95', '-')} ms | "
             f"{r['ready_after_lease_ms']['p95']} ms | {'-' if slow is None else f'{slow:.2f}×'} | "
             f"{r['queue_len']['max']} | {busy} | {s['out']['count']}/{s['in']['count']} "
             f"({s['out']['bytes'] / 2**20:.0f} MiB, {s['out']['seconds'] + s['in']['seconds']:.2f} s) "
@@ -511,6 +516,12 @@ def main(argv=None):
         "--linger", type=float, default=0.5, help="trace seconds a lease outlives a cell"
     )
     ap.add_argument("--memory-gib", type=float, default=2.0, help="CPU agent's emulated GPU memory")
+    ap.add_argument(
+        "--swap-policy",
+        choices=["pressure", "always", "never"],
+        default="pressure",
+        help="the elastic agents' --swap-policy",
+    )
     ap.add_argument("--matmul", type=int, default=None, help="matmul size (cpu 128, cuda 4096)")
     ap.add_argument("--chunk-ops", type=int, default=4, help="matmuls per sync")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
@@ -532,7 +543,12 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="density-"))
     print(f"density: logs in {tmp}", flush=True)
     stack = Stack(
-        tmp, users=max(sweep), gpus=opts.gpus, device=opts.device, memory_gib=opts.memory_gib
+        tmp,
+        users=max(sweep),
+        gpus=opts.gpus,
+        device=opts.device,
+        memory_gib=opts.memory_gib,
+        swap_policy=opts.swap_policy,
     )
     rows = []
     try:
@@ -556,6 +572,7 @@ def main(argv=None):
         "gpus": opts.gpus,
         "scale": opts.scale,
         "window_trace_s": opts.window,
+        "swap_policy": opts.swap_policy,
         "trace": str(opts.trace),
         "logs": str(tmp),
         "process_groups": stack.groups,

@@ -94,9 +94,9 @@ def replay(spec: dict, out) -> None:
             time.sleep(max(0.0, min(think_end, time.time() + linger) - time.time()))
             if time.time() < think_end:
                 session.release()
-        time.sleep(max(0.0, think_end - time.time()))
         if think_end >= end:
-            break
+            break  # the window ends while this user thinks
+        time.sleep(max(0.0, think_end - time.time()))
         nominal = cell["duration"] * scale
         rec = {"cell": i, "gpu": cell["gpu"], "nominal": nominal, "t0": time.time()}
         if not cell["gpu"]:

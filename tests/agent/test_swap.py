@@ -46,7 +46,15 @@ def swap_round_trip(agent, a):
     assert col.tolist() == [2.0, 108.0, 14.0, 20.0]
     assert big.sum().item() == float(20 << 20)
     assert session_info(agent.address, a.session_id)["swapped"] is False
-    assert query_inventory(agent.address)["agent"]["swaps"][-1]["direction"] == "in"
+    inv = query_inventory(agent.address)["agent"]
+    assert inv["swaps"][-1]["direction"] == "in"
+    # Totals since start, per direction: what benchmarks read (the list above is capped).
+    for direction in ("out", "in"):
+        done = [x for x in inv["swaps"] if x["direction"] == direction]
+        total = inv["swap_totals"][direction]
+        assert total["count"] == len(done) >= 1
+        assert total["bytes"] == sum(x["bytes"] for x in done) >= 80 << 20
+        assert total["seconds"] == sum(x["seconds"] for x in done) > 0
 
 
 def test_policy_never_keeps_idle_sessions_resident(make_agent):
