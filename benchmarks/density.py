@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def pct(values, q):
     values = sorted(values)
     if not values:
         return None
-    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values) - 1e-9) - 1))]
 
 
 def load_trace(path) -> list[dict]:
@@ -248,7 +249,7 @@ def busy_fraction(records, start, end) -> dict:
     for agent, spans in per.items():
         busy, reach = 0.0, start
         for a, b in sorted(spans):
-            if b > reach:
+            if b > max(a, reach):  # spans past the window's end are empty
                 busy += b - max(a, reach)
                 reach = b
         out[agent] = busy / (end - start)
@@ -305,8 +306,12 @@ def run_users(stack: Stack, mode: str, n: int, sessions, opts, chunk_s) -> dict:
             p.stdin.flush()
         sampler.start()
         deadline = start + opts.window * opts.scale + 120
-        for p in procs:
-            p.wait(max(1.0, deadline - time.time()))
+        stuck = []
+        for i, p in enumerate(procs):
+            try:
+                p.wait(max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                stuck.append(i)  # stopped below; its cell in flight counts as failed
         end = time.time()
     finally:
         sampler.done.set()
@@ -319,8 +324,11 @@ def run_users(stack: Stack, mode: str, n: int, sessions, opts, chunk_s) -> dict:
     time.sleep(0.5)
     leaked = [x["id"] for x in stack.root.leases(all=True)]
     slices = [s for a in stack.root.pool()["agents"] for g in a["gpus"] for s in g["slices"]]
+    # The cell a stuck user was in never ended.
+    records += [{"gpu": True, "error": "the user's cell did not end by the deadline"}] * len(stuck)
     return summarize(mode, n, opts, records, sampler.samples, start, end) | {
         "user_exit_codes": exits,
+        "users_stuck": len(stuck),
         "swaps": {d: {k: swaps1[d][k] - swaps0[d][k] for k in swaps1[d]} for d in ("out", "in")},
         "leases_leaked": len(leaked) + (len(slices) if not leaked else 0),
     }

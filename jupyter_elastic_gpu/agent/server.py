@@ -108,7 +108,19 @@ class SessionWorker:
     def swap_out(self, timeout: float = 60.0) -> bool:
         self.swap_done.clear()
         self.send({"cmd": "swap_out"})
-        return self.swap_done.wait(timeout) and self.swapped and not self.ended.is_set()
+        if not self.swap_done.wait(timeout):
+            # The attach that asked for room has waited all this time: say who did not answer.
+            log.warning(
+                "session %s (worker pid %s, attached=%s, attaching=%s) did not answer a "
+                "swap-out in %gs",
+                self.session,
+                self.proc.pid,
+                self.attached,
+                self.attaching,
+                timeout,
+            )
+            return False
+        return self.swapped and not self.ended.is_set()
 
     @property
     def alive(self) -> bool:

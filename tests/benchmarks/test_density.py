@@ -100,3 +100,19 @@ def test_users_replay_sessions_through_broker_and_agent_and_leave_nothing(tmp_pa
     assert "elastic" in result["headline"]
     assert len(result["process_groups"]) >= 2 + 2 + 2 + 1 + 1  # broker, agents, users
     assert processes_in_groups(set(result["process_groups"])) == []
+
+
+def test_gpu_busy_is_the_union_of_work_intervals_within_the_window():
+    cells = [
+        {"agent": "g", "t_ready": 0, "t_end": 2},
+        {"agent": "g", "t_ready": 1, "t_end": 3},  # overlaps the first: counted once
+        {"agent": "g", "t_ready": 12, "t_end": 15},  # after the window: nothing
+        {"agent": "h", "t_ready": 5, "t_end": 6},
+    ]
+    assert density.busy_fraction(cells, 0, 10) == {"g": 0.3, "h": 0.1}
+
+
+def test_percentiles_are_nearest_rank():
+    values = list(range(1, 101))
+    assert [density.pct(values, q) for q in (0.5, 0.95, 0.99)] == [50, 95, 99]
+    assert density.pct([], 0.95) is None
