@@ -51,6 +51,7 @@ class SessionWorker:
         self.stopping = False
         self.swapped = False
         self.swap_done = threading.Event()
+        self.gone = False  # its control socket closed: the process is exiting, answers nothing
         self.in_use = 0
         self.cap = 0
         self.last_used = time.monotonic()
@@ -107,6 +108,10 @@ class SessionWorker:
 
     def swap_out(self, timeout: float = 60.0) -> bool:
         self.swap_done.clear()
+        if self.gone:
+            # Exiting (its kernel closed the session) after it was picked: its last wake-up
+            # may have come before the clear above, so waiting would take the whole timeout.
+            return False
         self.send({"cmd": "swap_out"})
         if not self.swap_done.wait(timeout):
             # The attach that asked for room has waited all this time: say who did not answer.
@@ -124,7 +129,9 @@ class SessionWorker:
 
     @property
     def alive(self) -> bool:
-        return not (self.stopping or self.ended.is_set() or self.proc.poll() is not None)
+        return not (
+            self.stopping or self.gone or self.ended.is_set() or self.proc.poll() is not None
+        )
 
     def hand_over(self, conn: socket.socket, hello: dict, tls: bool = False) -> None:
         cmd = {"cmd": "conn", "hello": hello, "tls": tls, "secret": self.secret}
@@ -183,6 +190,7 @@ class SessionWorker:
             elif kind == "disconnected":
                 self.attached, self.connected = False, False
                 self.disconnected_at = time.monotonic()
+        self.gone = True  # before the wake-up: swap_out() checks it after clearing
         self.swap_done.set()  # nobody waits on a worker that is gone
         code = self.proc.wait()
         if code not in (0, None):
