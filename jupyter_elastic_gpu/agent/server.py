@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 
+from ..lifecycle import exit_with_parent, exit_with_parent_requested
 from ..remote.tls import TLS_RECORD_HANDSHAKE, server_context
 from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal, set_liveness
 from .auth import HelloRejected, check_hello
@@ -504,8 +505,12 @@ class Agent:
         with self.lock:
             workers = list(self.workers.values()) + self.spares
             self.spares = []
-        for w in workers:
-            w.stop(reason)
+        # in parallel: a worker busy in a long op takes its 5 s before it is killed
+        stopping = [threading.Thread(target=w.stop, args=(reason,)) for w in workers]
+        for t in stopping:
+            t.start()
+        for t in stopping:
+            t.join()
         self.server.server_close()
 
 
@@ -581,11 +586,17 @@ def run_agent(opts) -> None:
         registration.start()
 
     def on_term(signum, frame):
-        log.info("signal %d: telling clients and stopping", signum)
+        log.info("%s: telling clients and stopping", signal.Signals(signum).name)
         # serve_forever returns once the server has stopped; workers are ended below.
         threading.Thread(target=agent.server.shutdown, daemon=True).start()
 
+    # SIGINT too, explicitly: a process started from a background job inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler (the Hub's Ctrl-C
+    # reaches its services as SIGINT).
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    if exit_with_parent_requested():
+        exit_with_parent("agent")
     try:
         agent.serve_forever()
     except KeyboardInterrupt:

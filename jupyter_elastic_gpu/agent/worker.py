@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from ..lifecycle import exit_with_parent
 from ..remote.tls import GO_AHEAD, server_context
 from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal, tensor_from_buffer
 from .auth import HelloRejected, check_hello
@@ -459,6 +460,9 @@ def main(argv=None):
     p.add_argument("--tls", default=None, help="CERT,KEY,CLIENT_CA: sessions' connections use TLS")
     opts = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours
+    # A dead agent closes the control socket, but a worker busy in a long op would not see
+    # that until the op ends: leave with the agent regardless.
+    exit_with_parent(f"worker of agent {opts.agent_id}")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     w = Worker(opts)
     w.notify(event="ready", pid=os.getpid())
