@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
+from ..layouts import CONVOLUTIONS, conform
 from .wire import DTYPE_NAMES, MEMORY_FORMAT_NAMES
 
 BACKEND = "egpu"
@@ -96,6 +97,15 @@ class RemoteTensor(torch.Tensor):
 
     __str__ = __repr__
 
+    def __format__(self, format_spec):
+        # torch formats only plain 0-dim Tensors as numbers (f"{loss:.3f}"); for any other
+        # tensor it says the same as torch does for a CPU tensor of that shape.
+        if self.dim() == 0:
+            return self.detach().item().__format__(format_spec)
+        if format_spec:
+            raise TypeError("unsupported format string passed to Tensor.__format__")
+        return str(self)
+
     def tolist(self):
         return self.cpu().tolist()
 
@@ -116,9 +126,9 @@ class RemoteTensor(torch.Tensor):
         return t.requires_grad_(requires_grad)
 
     def __reduce_ex__(self, proto):
-        # Saved remote tensors are plain CPU tensors: loadable anywhere, and
-        # torch.load(map_location="cuda") brings them back to the remote GPU.
-        return self.detach().cpu().requires_grad_(self.requires_grad).__reduce_ex__(proto)
+        from .serialization import reduce_remote  # saved as CUDA tensors are: see there
+
+        return reduce_remote(self)
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -206,6 +216,26 @@ def _encode(v, sig, bufs, inputs):
             "seed with torch.manual_seed / torch.cuda.manual_seed instead"
         )
     raise NotImplementedError(f"cannot send an argument of type {t.__name__} to the remote GPU")
+
+
+def _encode_args(args, sig, bufs, inputs):
+    """``_encode`` of an op's positional arguments (same wire form, same cache key), with
+    remote tensors and plain scalars inline: they are nearly all arguments of nearly all ops,
+    and this runs once per op."""
+    sig.append(len(args))
+    out = []
+    for v in args:
+        t = type(v)
+        if t is RemoteTensor and v._sess is _session:
+            sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
+            inputs.append(v)
+            out.append({"t": v._rid})
+        elif t is float or t is int or t is bool or v is None:
+            sig.append((t, v))
+            out.append(v)
+        else:
+            out.append(_encode(v, sig, bufs, inputs))
+    return out
 
 
 def _to_meta(v, metas):
@@ -307,9 +337,13 @@ def _forward(func, args, kwargs):
     sig = [func]
     bufs = []
     inputs = []  # remote tensor arguments in order, for ops that return one of them
-    eargs = _encode(args, sig, bufs, inputs)
-    ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
-    sig.append(tuple(kwargs))
+    eargs = _encode_args(args, sig, bufs, inputs)
+    if kwargs:
+        ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
+        sig.append(tuple(kwargs))
+    else:
+        ekwargs = {}
+        sig.append(())
     if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
         raise RuntimeError(
             "Expected all tensors to be on the same device, but found at least two "
@@ -345,6 +379,8 @@ def _infer(func, args, kwargs, inputs):
     mkwargs = {k: _to_meta(v, meta_inputs) for k, v in kwargs.items()}
     try:
         res = func(*margs, **mkwargs)
+        if func in CONVOLUTIONS:
+            res = conform(res, margs[0], margs[1])
     except Exception:
         # No meta kernel, a data-dependent shape, or a user error: the agent runs it now and
         # either returns the real outputs or raises the real (CUDA's own) error.
@@ -428,4 +464,7 @@ def register_backend(backend_module) -> None:
 
     if RemoteTensor not in optimizer._foreach_supported_types:
         optimizer._foreach_supported_types.append(RemoteTensor)
+    from . import modules
+
+    modules.install()
     _registered = True
