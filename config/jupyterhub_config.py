@@ -136,7 +136,13 @@ c.Authenticator.admin_users = {"admin"}
 c.JupyterHub.load_groups = {"research": {"users": ["bob"]}}
 
 # -- the broker and the agent: managed Hub services --------------------------------------------
-_agent_env = {"HOME": str(STATE), "ELASTIC_GPU_AGENT_TOKEN": AGENT_TOKEN}
+# ELASTIC_GPU_EXIT_WITH_PARENT: broker and agent stop when the Hub dies (even by kill -9),
+# so that they never hold their ports against the next start.
+_agent_env = {
+    "HOME": str(STATE),
+    "ELASTIC_GPU_AGENT_TOKEN": AGENT_TOKEN,
+    "ELASTIC_GPU_EXIT_WITH_PARENT": "1",
+}
 for _name in ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES", "CUDA_HOME"):
     if _name in os.environ:
         _agent_env[_name] = os.environ[_name]
@@ -149,6 +155,7 @@ c.JupyterHub.services = [
         "cwd": str(STATE),
         "environment": {
             "ELASTIC_GPU_STATE_DIR": str(STATE),
+            "ELASTIC_GPU_EXIT_WITH_PARENT": "1",
             "ELASTIC_GPU_LEASE_SECRET": LEASE_SECRET,
             "ELASTIC_GPU_AGENT_TOKEN": AGENT_TOKEN,
         },
