@@ -587,6 +587,8 @@ def run_agent(opts) -> None:
 
     def on_term(signum, frame):
         log.info("%s: telling clients and stopping", signal.Signals(signum).name)
+        if registration:
+            registration.halt()
         # serve_forever returns once the server has stopped; workers are ended below.
         threading.Thread(target=agent.server.shutdown, daemon=True).start()
 

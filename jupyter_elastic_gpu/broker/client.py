@@ -10,12 +10,37 @@ import requests
 
 
 class BrokerError(Exception):
-    """The broker refused (``status`` is its HTTP status) or could not be reached (``None``)."""
+    """The broker refused (``status`` is its HTTP status) or could not be reached (``None``).
 
-    def __init__(self, message: str, status: int | None = None):
+    ``detail`` is the full exception chain of an unreachable broker, for debug logs: the
+    message itself stays one short line (what failed, where, why).
+    """
+
+    def __init__(self, message: str, status: int | None = None, detail: str = ""):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.detail = detail
+
+
+def connection_reason(e: BaseException) -> str:
+    """The root cause of a failed connection in a few words ("connection refused", "timed
+    out"), not urllib3's nested ``HTTPConnectionPool(...): Max retries exceeded ...``."""
+    if isinstance(e, requests.Timeout):
+        return "timed out"
+    seen, todo = set(), [e]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.strerror:
+            return cur.strerror.lower()
+        if "Name or service not known" in str(cur) or "nodename nor servname" in str(cur):
+            return "unknown host"
+        todo += [cur.__cause__, cur.__context__, getattr(cur, "reason", None)]
+        todo += [a for a in getattr(cur, "args", ()) if isinstance(a, BaseException)]
+    return type(e).__name__
 
 
 class BrokerClient:
@@ -41,7 +66,9 @@ class BrokerClient:
                 method, url, json=body, params=params, timeout=timeout or self.timeout
             )
         except requests.RequestException as e:
-            raise BrokerError(f"cannot reach the broker at {self.url}: {e}") from None
+            raise BrokerError(
+                f"cannot reach the broker at {self.url}: {connection_reason(e)}", detail=repr(e)
+            ) from None
         if r.status_code == 204:
             return None
         try:
@@ -156,8 +183,8 @@ class BrokerClient:
             body["sessions"] = sessions
         return self._call("POST", f"agents/{agent_id}/heartbeat", body)
 
-    def deregister_agent(self, agent_id: str) -> None:
-        self._call("DELETE", f"agents/{agent_id}")
+    def deregister_agent(self, agent_id: str, timeout: float | None = None) -> None:
+        self._call("DELETE", f"agents/{agent_id}", timeout=timeout)
 
     def agents(self) -> list[dict]:
         return self._call("GET", "agents")["agents"]
