@@ -46,9 +46,12 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from jupyterhub.auth import DummyAuthenticator
 from traitlets.config.loader import PyFileConfigLoader
+
+from jupyter_elastic_gpu.lifecycle import check_ports
 
 c = get_config()  # noqa: F821  (provided by traitlets when it loads this file)
 
@@ -64,6 +67,24 @@ PROXY_API_PORT = int(os.environ.get("ELASTIC_GPU_PROXY_API_PORT", "8001"))
 BROKER_PORT = int(os.environ.get("ELASTIC_GPU_BROKER_PORT", "8090"))
 AGENT_PORT = int(os.environ.get("ELASTIC_GPU_AGENT_PORT", "7070"))
 AGENT_DEVICE = os.environ.get("ELASTIC_GPU_AGENT_DEVICE", "auto")
+
+# Before anything starts: a port still held (an old proxy or agent of a hub that was killed)
+# is one line saying which and what to do, not EADDRINUSE or a 403 from the old proxy later.
+# The proxy named in the pid file is fine: JupyterHub replaces it itself.
+_PROXY_PID_FILE = STATE / "jupyterhub-proxy.pid"
+_proxy_pid = _PROXY_PID_FILE.read_text().strip() if _PROXY_PID_FILE.exists() else ""
+_taken = check_ports(
+    {
+        f"public URL {BIND_URL}": (urlparse(BIND_URL).hostname, urlparse(BIND_URL).port or 80),
+        "ELASTIC_GPU_HUB_PORT": ("127.0.0.1", HUB_PORT),
+        "ELASTIC_GPU_PROXY_API_PORT": ("127.0.0.1", PROXY_API_PORT),
+        "ELASTIC_GPU_BROKER_PORT": ("127.0.0.1", BROKER_PORT),
+        "ELASTIC_GPU_AGENT_PORT": ("127.0.0.1", AGENT_PORT),
+    },
+    replaceable={int(_proxy_pid)} if _proxy_pid.isdigit() else set(),
+)
+if _taken:
+    sys.exit(f"jupyterhub: {_taken}")
 
 BROKER_CONFIG = HERE / "elastic_gpu_config.py"
 BROKER_URL = f"http://127.0.0.1:{BROKER_PORT}"
@@ -106,7 +127,7 @@ c.JupyterHub.bind_url = BIND_URL
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = HUB_PORT
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{PROXY_API_PORT}"
-c.ConfigurableHTTPProxy.pid_file = str(STATE / "jupyterhub-proxy.pid")
+c.ConfigurableHTTPProxy.pid_file = str(_PROXY_PID_FILE)
 c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
 

@@ -165,3 +165,71 @@ def test_a_killed_hub_takes_its_services_along_and_the_next_start_works(busy_hub
     hub.api("DELETE", "users/alice/server")
     took, left = wait_gone(tree["single-user server"] + tree["kernel"], 30)
     assert not left, f"the second Hub did not stop alice's server: {report(left)}"
+
+
+def test_a_port_still_held_by_another_process_is_one_line_saying_which_and_what_to_do(
+    tmp_path,
+):
+    """An old proxy the pid file does not name (state dir deleted, another demo) or an old
+    agent holds a port: the start fails at once, before anything is started, in one line."""
+    import socket
+
+    from jupyter_elastic_gpu.agent.local import free_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "ELASTIC_GPU_STATE_DIR": str(tmp_path / "state"),
+            "ELASTIC_GPU_BIND_URL": f"http://127.0.0.1:{free_port()}",
+            "ELASTIC_GPU_HUB_PORT": str(free_port()),
+            "ELASTIC_GPU_PROXY_API_PORT": str(free_port()),
+            "ELASTIC_GPU_BROKER_PORT": str(free_port()),
+            "ELASTIC_GPU_AGENT_PORT": str(port),
+        }
+        r = subprocess.run(
+            ["jupyterhub", "-f", str(HUB_CONFIG)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert r.returncode == 1, r
+    out = (r.stdout + r.stderr).strip()
+    assert out == (
+        f"jupyterhub: port {port} (ELASTIC_GPU_AGENT_PORT) is already in use by pid "
+        f"{os.getpid()}: {' '.join(cmdline(os.getpid()).split()[:3])}, perhaps left by an "
+        f"earlier hub: stop it (kill {os.getpid()}), or choose other ports (see the top of the "
+        "config file)"
+    ), out
+    assert not (tmp_path / "state" / "jupyterhub.sqlite").exists()  # nothing was started
+
+
+def test_a_child_asking_to_leave_with_its_parent_is_gone_soon_after_a_kill_9():
+    """``lifecycle.exit_with_parent``, what broker, agent and workers use: the watch fires
+    when the parent dies by SIGKILL, which no handler of the parent's can report."""
+    child_code = textwrap.dedent("""
+        import time
+        from jupyter_elastic_gpu.lifecycle import exit_with_parent
+        assert exit_with_parent("test child", interval=0.1)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    parent_code = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", {child_code!r}], stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout.readline() == "ready\\n"
+        print(child.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        took, left = wait_gone([child], STOP_WITHIN)
+        assert not left, "the child outlived its parent by 10 s"
+        assert took < 2, took  # polled every 0.1 s; SIGTERM ends a sleeping Python at once
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
