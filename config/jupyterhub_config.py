@@ -88,8 +88,8 @@ if _taken:
 
 BROKER_CONFIG = HERE / "elastic_gpu_config.py"
 BROKER_URL = f"http://127.0.0.1:{BROKER_PORT}"
-# The single-user servers, their kernels and the agent reach the broker directly (loopback);
-# browsers and `jupyter-elastic-gpu run --broker` go through the proxy: BIND_URL + same path.
+# The agent reaches the broker directly (loopback); kernels, the sidebar, browsers and
+# `jupyter-elastic-gpu run --broker` go through the proxy: BIND_URL + the same path.
 BROKER_API = f"{BROKER_URL}/services/elastic-gpu/api/"
 
 
@@ -124,6 +124,10 @@ KERNEL_TLS_ENV = {"ELASTIC_GPU_TLS_DIR": str(TLS_DIR)} if DATA_TLS else {}
 
 # -- the Hub -----------------------------------------------------------------------------------
 c.JupyterHub.bind_url = BIND_URL
+# The address users reach the proxy by. JupyterHub passes it to single-user servers, whose
+# kernels then find the broker through the proxy at <public URL>/services/elastic-gpu/api/
+# without being told (provisioner/endpoints.py); behind a domain, set it to that URL.
+c.JupyterHub.public_url = BIND_URL.rstrip("/") + "/"
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = HUB_PORT
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{PROXY_API_PORT}"
@@ -256,7 +260,6 @@ _ks.log_level = "ERROR"
 _ks.install(FRACTIONS, prefix=str(KERNEL_PREFIX))
 
 c.Spawner.environment = {
-    "ELASTIC_GPU_BROKER_URL": BROKER_API,
     # the GPU kernelspecs above
     "JUPYTER_PATH": str(KERNEL_PREFIX / "share" / "jupyter"),
     # config/singleuser/jupyter_server_config.py: sidebar server extension + kernel picker

@@ -85,6 +85,9 @@ def busy_hub(tmp_path):
             code = "import torch\nprint((torch.ones(4, device='cuda') * 2).sum().item())"
             reply, outputs = k.execute(code)
             assert reply["status"] == "ok", (reply, outputs)
+            # the shipped config names no broker URL: the kernel found it through the proxy
+            reply, outputs = k.execute("import os; print(os.environ['ELASTIC_GPU_BROKER_URL'])")
+            assert outputs[0]["text"] == f"{hub.url}/services/elastic-gpu/api/\n", outputs
         finally:
             k.close()
         hub.started = descendants(hub.proc.pid)

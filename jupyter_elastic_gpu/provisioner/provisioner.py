@@ -85,8 +85,9 @@ class ElasticGPUProvisioner(LocalProvisioner):
         if not (broker or agent):
             raise RuntimeError(
                 "elastic-gpu-provisioner: no GPU broker or agent configured; set "
-                "ELASTIC_GPU_BROKER_URL (or run under JupyterHub) or ELASTIC_GPU_AGENT=HOST:PORT, "
-                "or c.ElasticGPUProvisioner.broker_url / .agent"
+                "ELASTIC_GPU_BROKER_URL (under JupyterHub: or c.JupyterHub.public_url, the broker "
+                "is then found through the proxy) or ELASTIC_GPU_AGENT=HOST:PORT, or "
+                "c.ElasticGPUProvisioner.broker_url / .agent"
             )
         if broker and not token:
             raise RuntimeError(

@@ -19,11 +19,13 @@ import inspect
 import json
 import os
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
+
+from ..provisioner.endpoints import hub_broker_url
 
 BROKER_SERVICE_PATH = "services/elastic-gpu/api/"
 
@@ -36,21 +38,6 @@ class BackendError(Exception):
         self.status = status
         self.message = message
         self.reason = reason
-
-
-def broker_url_from_hub_api(api_url: str) -> str:
-    """``http://h:8081/prefix/hub/api`` -> ``http://h:8081/prefix/services/elastic-gpu/api/``."""
-    parts = urlsplit(api_url)
-    path = parts.path.rstrip("/")
-    if path.endswith("/hub/api"):
-        path = path[: -len("hub/api")]
-    elif path.endswith("/api"):
-        path = path[: -len("api")]
-    else:
-        path = "/"
-    if not path.endswith("/"):
-        path += "/"
-    return urlunsplit((parts.scheme, parts.netloc, path + BROKER_SERVICE_PATH, "", ""))
 
 
 def strip_secrets(obj: Any) -> Any:
@@ -68,19 +55,14 @@ class ElasticGPUServerExtension(Configurable):
     broker_url = Unicode(
         help="""Base URL of the broker's REST API (ends with ``/services/elastic-gpu/api/``).
 
-        Default: env ``ELASTIC_GPU_BROKER_URL``; else, under JupyterHub, the host of
-        ``JUPYTERHUB_API_URL`` + ``/services/elastic-gpu/api/``; else empty (no broker).""",
+        Default: env ``ELASTIC_GPU_BROKER_URL``; else, under JupyterHub with a public URL,
+        the broker's route through the proxy, as kernels find it
+        (``provisioner.endpoints.hub_broker_url``); else empty (no broker).""",
     ).tag(config=True)
 
     @default("broker_url")
     def _default_broker_url(self) -> str:
-        url = os.environ.get("ELASTIC_GPU_BROKER_URL", "")
-        if url:
-            return url
-        api_url = os.environ.get("JUPYTERHUB_API_URL", "")
-        if api_url:
-            return broker_url_from_hub_api(api_url)
-        return ""
+        return os.environ.get("ELASTIC_GPU_BROKER_URL", "") or hub_broker_url(os.environ)
 
     agent_address = Unicode(
         help="``HOST:PORT`` of a local agent, used when no broker is configured "

@@ -10,7 +10,6 @@ import pytest
 
 from jupyter_elastic_gpu.serverext.app import (
     ElasticGPUServerExtension,
-    broker_url_from_hub_api,
     kernel_gpu_state,
     strip_secrets,
 )
@@ -64,30 +63,20 @@ def kernel(server):
 # ----------------------------------------------------------------------------- pure parts
 
 
-def test_broker_url_from_hub_api():
-    assert (
-        broker_url_from_hub_api("http://127.0.0.1:8081/hub/api")
-        == "http://127.0.0.1:8081/services/elastic-gpu/api/"
-    )
-    assert (
-        broker_url_from_hub_api("https://hub.example.org/prefix/hub/api/")
-        == "https://hub.example.org/prefix/services/elastic-gpu/api/"
-    )
-    assert broker_url_from_hub_api("http://h:1/x") == "http://h:1/services/elastic-gpu/api/"
-
-
 def test_broker_url_defaults(monkeypatch):
-    for k in ("ELASTIC_GPU_BROKER_URL", "JUPYTERHUB_API_URL", "ELASTIC_GPU_AGENT"):
+    for k in ("ELASTIC_GPU_BROKER_URL", "JUPYTERHUB_PUBLIC_HUB_URL", "ELASTIC_GPU_AGENT"):
         monkeypatch.delenv(k, raising=False)
     assert ElasticGPUServerExtension().mode == "none"
     monkeypatch.setenv("ELASTIC_GPU_AGENT", "127.0.0.1:7070")
     ext = ElasticGPUServerExtension()
     assert (ext.mode, ext.agent_address) == ("agent", "127.0.0.1:7070")
     monkeypatch.setenv("JUPYTERHUB_API_URL", "http://10.1.2.3:8081/hub/api")
+    assert ElasticGPUServerExtension().mode == "agent"  # the Hub's API port serves no services
+    monkeypatch.setenv("JUPYTERHUB_PUBLIC_HUB_URL", "https://hub.example.org/hub/")
     ext = ElasticGPUServerExtension()
-    assert (ext.mode, ext.broker_url) == (
+    assert (ext.mode, ext.broker_url) == (  # the same route through the proxy as kernels use
         "broker",
-        "http://10.1.2.3:8081/services/elastic-gpu/api/",
+        "https://hub.example.org/services/elastic-gpu/api/",
     )
     monkeypatch.setenv("ELASTIC_GPU_BROKER_URL", "http://broker:9/api/")
     assert ElasticGPUServerExtension().broker_url == "http://broker:9/api/"
