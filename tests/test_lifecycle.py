@@ -42,13 +42,23 @@ def cmdline(pid: int) -> str:
         return "?"
 
 
-def wait_gone(pids, timeout: float) -> tuple[float, list[int]]:
-    """(seconds until every pid was gone, those still alive at ``timeout``)."""
+def wait_gone(pids, timeout: float, gone_at: dict | None = None) -> tuple[float, list[int]]:
+    """(seconds until every pid was gone, those still alive at ``timeout``); ``gone_at``
+    gets each pid's own time."""
     t0 = time.monotonic()
+    gone_at = {} if gone_at is None else gone_at
     while True:
-        left = [p for p in pids if alive(p)]
-        if not left or time.monotonic() - t0 > timeout:
-            return time.monotonic() - t0, left
+        now = time.monotonic() - t0
+        left = []
+        for p in pids:
+            if p in gone_at:
+                continue
+            if alive(p):
+                left.append(p)
+            else:
+                gone_at[p] = now
+        if not left or now > timeout:
+            return now, left
         time.sleep(0.05)
 
 
@@ -120,9 +130,12 @@ def test_a_signal_stops_every_process_of_the_hub_within_10s_without_a_traceback(
         os.killpg(hub.proc.pid, sig)
     else:  # kill PID
         hub.proc.send_signal(sig)
-    took, left = wait_gone(pids, STOP_WITHIN)
+    gone_at: dict[int, float] = {}
+    took, left = wait_gone(pids, STOP_WITHIN, gone_at)
     hub.proc.wait(5)
     STOP_TIMES[f"{sig.name} on the hub: every process gone"] = took
+    for role, ps in tree.items():
+        STOP_TIMES[f"{sig.name} on the hub: {role}"] = max(gone_at.get(p, took) for p in ps)
     assert not left, f"still running {STOP_WITHIN:g}s after {sig.name}: {report(left)}"
     with open(hub.log, errors="replace") as f:
         f.seek(log_start)
