@@ -141,6 +141,9 @@ def test_a_signal_stops_every_process_of_the_hub_within_10s_without_a_traceback(
         f.seek(log_start)
         stop_log = f.read()
     assert "Traceback" not in stop_log, stop_log[-6000:]
+    # the server shut its kernel down (not left to notice its parent's death), also on the
+    # SIGINT JupyterHub stops servers with (serverext installs the handler: no terminal)
+    assert "Shutting down 1 kernel" in stop_log, stop_log[-6000:]
     assert hub.proc.returncode in (0, -sig, 128 + sig), hub.proc.returncode
 
 

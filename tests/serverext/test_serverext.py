@@ -306,3 +306,27 @@ def test_agent_mode_with_a_real_agent(tmp_path):
             assert all("slices" in g for g in a["gpus"])
     finally:
         agent.stop()
+
+
+def test_without_a_terminal_sigint_stops_the_server_as_sigterm_does(monkeypatch):
+    """jupyter_server leaves SIGINT to Python when stdin is no terminal (a KeyboardInterrupt
+    that skips the kernels' shutdown); JupyterHub stops servers with it."""
+    import signal
+
+    from jupyter_elastic_gpu.serverext import _stop_kernels_on_sigint
+
+    class ServerApp:
+        def _signal_stop(self, sig, frame):
+            pass
+
+    app = ServerApp()
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.default_int_handler)
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda s, h: installed.setdefault(s, h))
+    _stop_kernels_on_sigint(app)
+    assert installed == {signal.SIGINT: app._signal_stop}
+    # in a terminal jupyter_server has its own handler (the Ctrl-C prompt): left alone
+    installed.clear()
+    monkeypatch.setattr(signal, "getsignal", lambda s: app._signal_stop)
+    _stop_kernels_on_sigint(app)
+    assert installed == {}
