@@ -252,3 +252,20 @@ def test_a_child_asking_to_leave_with_its_parent_is_gone_soon_after_a_kill_9():
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+
+def test_an_agent_killed_9_takes_its_workers_along(make_agent):
+    """A worker outlives no agent, even one killed -9 that cannot tell it: each watches its
+    parent (here the agent's spare worker, the process a session's worker is made from)."""
+    agent = make_agent(env={"ELASTIC_GPU_EXIT_WITH_PARENT": ""})  # the agent's own is off
+    deadline = time.monotonic() + 60
+    while not roles(descendants(agent.proc.pid)).get("worker"):
+        assert time.monotonic() < deadline, roles(descendants(agent.proc.pid))
+        time.sleep(0.2)
+    workers = roles(descendants(agent.proc.pid))["worker"]
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait()
+    took, left = wait_gone(workers, STOP_WITHIN)
+    STOP_TIMES["agent killed -9: its workers gone"] = took
+    assert not left, f"workers outlived their agent by {STOP_WITHIN:g} s: {report(left)}"
