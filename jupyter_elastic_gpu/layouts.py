@@ -12,8 +12,9 @@ Strides of size-1 dimensions differ too: TensorIterator (the agent's real kernel
 Python reference rules behind many meta kernels lay a batch of one out differently. They
 address the same bytes, but ``suggest_memory_format`` reads them, and a kernel that asserts
 its input is contiguous in the suggested format (``native_group_norm``) refuses on the agent
-what the client's meta tensor passed. :func:`dense_input` gives such kernels their input in
-the format it is densely laid out in.
+what the client's meta tensor passed (and a CUDA agent may hold channels_last where the
+client's meta tensor was contiguous). :func:`dense_input` gives such kernels the layout the
+client's check accepted.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def dense_input(x: torch.Tensor) -> torch.Tensor:
     when it decided that ``x`` needed no ``.contiguous()`` first."""
     if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5) or x.is_contiguous():
         return x
+    if x.device.type != "cpu":
+        # The CUDA kernel wants the standard layout (the client's composite thought its meta
+        # tensor had it); a copy when the agent's elementwise kernels chose channels_last.
+        return x.contiguous()
     cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     if not x.is_contiguous(memory_format=cl):
         return x

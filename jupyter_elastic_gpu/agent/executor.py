@@ -23,7 +23,10 @@ from ..remote.wire import (
     tensor_from_buffer,
 )
 
-DEFAULT_NAMESPACES = frozenset({"aten", "prims"})
+# torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
+# file and image decoders live in another ("image"), which stays closed.
+DEFAULT_NAMESPACES = frozenset({"aten", "prims", "torchvision"})
+_IMPORTED_BY_NAMESPACE = {"torchvision": "torchvision"}  # registers the ops on first use
 # Ops that reach outside the session's tensors (files, process state) are never run.
 DENIED_OPS = frozenset(
     {
@@ -96,6 +99,15 @@ class OpResolver:
         if f"{ns}::{base}" in DENIED_OPS or base.startswith("__") or overload.startswith("__"):
             raise PermissionError(f"op {name!r} is not allowed on this agent")
         packet = getattr(getattr(torch.ops, ns), base, None)
+        if packet is None and ns in _IMPORTED_BY_NAMESPACE:
+            try:
+                __import__(_IMPORTED_BY_NAMESPACE[ns])
+            except Exception as e:
+                raise NotImplementedError(
+                    f"{name!r} needs {_IMPORTED_BY_NAMESPACE[ns]} on the GPU agent, which "
+                    f"cannot import it ({type(e).__name__}: {e})"
+                ) from None
+            packet = getattr(getattr(torch.ops, ns), base, None)
         if not isinstance(packet, torch._ops.OpOverloadPacket):
             raise NotImplementedError(f"unknown op {name!r}")
         op = getattr(packet, overload, None)
