@@ -608,10 +608,11 @@ def run_agent(opts) -> None:
         agent.shutdown()
         if registration:
             registration.stop()
-        log.info("stopped")
-        # Workers are gone and clients told: skip the interpreter's teardown, which with torch
-        # loaded takes over a second and would hold up every Hub stop (services stop in turn).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    log.info("stopped")
+    # Workers are gone and clients told: skip the interpreter's teardown, which with torch
+    # loaded takes over a second and would hold up every Hub stop (services stop in turn).
+    # Only after a clean stop: an error above still ends with its traceback and exit status.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
