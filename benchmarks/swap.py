@@ -21,7 +21,7 @@ import sys
 import textwrap
 import time
 
-from jupyter_elastic_gpu.agent.client import query_inventory
+from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.agent.local import LocalAgent
 
 CLIENT = textwrap.dedent("""

@@ -12,14 +12,8 @@ import re
 
 import torch
 
-from ..remote.wire import (
-    DTYPE_NAMES,
-    DTYPES,
-    LAYOUTS,
-    MEMORY_FORMATS,
-    ProtocolError,
-    tensor_from_buffer,
-)
+from ..protocol.messages import Free, ProtocolError, parse_record
+from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result
 
 DEFAULT_NAMESPACES = frozenset({"aten", "prims"})
 # Ops that reach outside the session's tensors (files, process state) are never run.
@@ -120,6 +114,7 @@ class SessionExecutor:
         self._refs: dict[int, list] = {}
         self.in_use = 0
         self.peak = 0
+        self.decode = ArgumentDecoder(self.tensor, devices)
 
     # -- decoding --------------------------------------------------------------------
     def tensor(self, rid) -> torch.Tensor:
@@ -135,43 +130,6 @@ class SessionExecutor:
                 "earlier GPU context of this session)"
             )
         return t
-
-    def decode(self, v, bufs, base=0):
-        t = type(v)
-        if t in (int, float, bool, str) or v is None:
-            return v
-        if t is list:
-            return [self.decode(x, bufs, base) for x in v]
-        if t is not dict:
-            raise ProtocolError(f"unexpected value of type {t.__name__} in op arguments")
-        if "t" in v:
-            return self.tensor(v["t"])
-        if "dt" in v:
-            d = DTYPES.get(v["dt"])
-            if d is None:
-                raise ProtocolError(f"unknown dtype {v['dt']!r}")
-            return d
-        if "dev" in v:
-            if v["dev"] == "cpu":
-                return torch.device("cpu")
-            i = v.get("i", 0)
-            if type(i) is not int or not 0 <= i < len(self.devices):
-                raise ProtocolError(
-                    f"device index {i!r} is outside this session's {len(self.devices)} GPU(s)"
-                )
-            return self.devices[i]
-        if "cpu" in v:
-            k = v["cpu"]
-            if type(k) is not int or type(base) is not int or not 0 <= base + k < len(bufs):
-                raise ProtocolError(f"buffer index {k!r} out of range")
-            return tensor_from_buffer(v, bufs[base + k])
-        if "mf" in v and v["mf"] in MEMORY_FORMATS:
-            return MEMORY_FORMATS[v["mf"]]
-        if "ly" in v and v["ly"] in LAYOUTS:
-            return LAYOUTS[v["ly"]]
-        if "c" in v and isinstance(v["c"], list) and len(v["c"]) == 2:
-            return complex(*v["c"])
-        raise ProtocolError(f"unknown tagged value {str(v)[:100]}")
 
     # -- execution -------------------------------------------------------------------
     def run(self, name, args, kwargs, bufs, base=0):
@@ -210,17 +168,12 @@ class SessionExecutor:
 
         ``interrupted()`` is polled every few ops: once it says so, the rest is skipped (their
         outputs are never produced) so that an interrupt stops queued work promptly."""
-        if not isinstance(ops, list):
-            raise ProtocolError("batch ops must be a list")
         self.cancelled = False
-        for i, rec in enumerate(ops):
-            if isinstance(rec, list) and len(rec) == 2 and rec[0] == "-":
-                self.free(rec[1])  # tensors the client dropped, in stream order
+        for i, raw in enumerate(ops):
+            rec = parse_record(raw)
+            if type(rec) is Free:
+                self.free(rec.ids)
                 continue
-            if not isinstance(rec, list) or len(rec) != 5:
-                raise ProtocolError(
-                    "each op must be [name, args, kwargs, out_ids, buffer_base] or ['-', ids]"
-                )
             name, args, kwargs, outs, base = rec
             if self.cancelled or (i % 8 == 0 and interrupted()):
                 self.cancelled = True
@@ -310,33 +263,16 @@ class SessionExecutor:
     def call(self, name, args, kwargs, bufs):
         """Run one op now and describe its result (shapes for data-dependent outputs, values)."""
         inputs = {id(t): rid for rid, t in self.tensors.items()}
-        return self._describe(self.run(name, args, kwargs, bufs), inputs)
+        return encode_result(
+            self.run(name, args, kwargs, bufs), lambda t: inputs.get(id(t)), self._keep_result
+        )
 
-    def _describe(self, v, inputs):
-        if isinstance(v, torch.Tensor):
-            if id(v) in inputs and self.tensors.get(inputs[id(v)]) is v:
-                return {"in": inputs[id(v)]}
-            self._next_agent_id -= 1
-            self.tensors[self._next_agent_id] = v
-            self._account(self._next_agent_id, v)
-            return {
-                "r": self._next_agent_id,
-                "size": list(v.shape),
-                "stride": list(v.stride()),
-                "offset": v.storage_offset(),
-                "dtype": DTYPE_NAMES[v.dtype],
-                "nbytes": v.untyped_storage().nbytes(),
-                "dev": self.devices.index(v.device) if v.device in self.devices else 0,
-            }
-        if isinstance(v, tuple):
-            return {"tuple": [self._describe(x, inputs) for x in v]}
-        if isinstance(v, list):
-            return [self._describe(x, inputs) for x in v]
-        if isinstance(v, (int, float, bool, str)) or v is None:
-            return v
-        if isinstance(v, torch.dtype):
-            return {"dt": DTYPE_NAMES[v]}
-        raise TypeError(f"cannot return a {type(v).__name__} to the client")
+    def _keep_result(self, t) -> tuple[int, int]:
+        # Below zero: the client numbers its tensors from 1 up, unaware of these.
+        self._next_agent_id -= 1
+        self.tensors[self._next_agent_id] = t
+        self._account(self._next_agent_id, t)
+        return self._next_agent_id, self.devices.index(t.device) if t.device in self.devices else 0
 
     def fetch(self, rid):
         t = self.tensor(rid).detach().resolve_conj().resolve_neg()

@@ -2,7 +2,7 @@
 
 ``attach()`` installs the ``egpu`` PrivateUse1 backend (``backend``), maps the name "cuda"
 onto it (``cuda_facade``, ``autocast``) and opens a session (``session``) whose lease is
-taken at the first GPU op. ``wire`` is the frame format shared with the agent.
+taken at the first GPU op. The wire it speaks is ``jupyter_elastic_gpu.protocol``'s.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from collections import namedtuple
 
 import torch
 
+from ..protocol import messages as wire
 from . import backend
 from .backend import BACKEND
 
@@ -350,7 +351,7 @@ class CudaFacade:
         self.session.synchronize()
 
     def _memory(self):
-        reply, _ = self.session.request({"op": "memory"})
+        reply, _ = self.session.request(wire.Memory().header())
         return reply["memory"]
 
     def memory_allocated(self, device=None):
@@ -368,13 +369,13 @@ class CudaFacade:
 
     def empty_cache(self):
         if self.session.attached:
-            self.session.request({"op": "empty_cache"})
+            self.session.request(wire.EmptyCache().header())
 
     def reset_peak_memory_stats(self, device=None):
         pass
 
     def manual_seed(self, seed):
-        self.session.request({"op": "manual_seed", "seed": int(seed)})
+        self.session.request(wire.ManualSeed(seed=int(seed)).header())
 
     manual_seed_all = manual_seed
 
@@ -389,7 +390,7 @@ class CudaFacade:
     # RNG state lives on the agent: checkpoints (get_rng_state_all), torch.utils.checkpoint's
     # preserve_rng_state and torch.random.fork_rng save and restore it through these.
     def get_rng_state(self, device="cuda"):
-        _, bufs = self.session.request({"op": "get_rng_state", "device": self._index(device)})
+        _, bufs = self.session.request(wire.GetRngState(device=self._index(device)).header())
         return torch.frombuffer(bufs[0], dtype=torch.uint8).clone()
 
     def get_rng_state_all(self):
@@ -397,7 +398,7 @@ class CudaFacade:
 
     def set_rng_state(self, new_state, device="cuda"):
         state = new_state.detach().cpu().contiguous().view(torch.uint8).numpy()
-        self.session.request({"op": "set_rng_state", "device": self._index(device)}, [state])
+        self.session.request(wire.SetRngState(device=self._index(device)).header(), [state])
 
     def set_rng_state_all(self, new_states):
         for i, state in enumerate(new_states):

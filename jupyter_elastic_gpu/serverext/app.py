@@ -6,7 +6,8 @@ Two backends answer the handlers' questions:
   single-user server's Hub token, using tornado's non-blocking ``AsyncHTTPClient`` and
   short timeouts.
 - :class:`AgentBackend` (no broker, ``ELASTIC_GPU_AGENT`` set): asks one agent for its
-  inventory through ``jupyter_elastic_gpu.agent.client.query_inventory`` in a worker thread.
+  inventory through ``jupyter_elastic_gpu.protocol.client.query_inventory`` in a worker
+  thread (torch-free: the server never imports torch).
 
 Both raise :class:`BackendError` with an HTTP status and a message the sidebar shows.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import inspect
 import json
 import os
 from typing import Any
@@ -24,6 +24,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
+
+from ..protocol import client as agent_client
 
 BROKER_SERVICE_PATH = "services/elastic-gpu/api/"
 
@@ -255,28 +257,17 @@ def _tag_sessions(sessions: list[Any], agent: dict[str, Any], user: Any) -> list
 
 async def query_inventory(address: str, timeout: float) -> dict[str, Any]:
     """Call the agent's inventory query without blocking the event loop."""
-    try:
-        from jupyter_elastic_gpu.agent.client import query_inventory as _query
-    except Exception as e:
-        raise BackendError(
-            503,
-            f"GPU agent unreachable at {address}: the agent client is not available ({e})",
-            "agent_unreachable",
-        ) from e
     loop = asyncio.get_running_loop()
     try:
-        if inspect.iscoroutinefunction(_query):
-            result = await asyncio.wait_for(_query(address), timeout)
-        else:
-            result = await asyncio.wait_for(loop.run_in_executor(None, _query, address), timeout)
+        result = await asyncio.wait_for(
+            loop.run_in_executor(None, agent_client.query_inventory, address, timeout), timeout
+        )
     except asyncio.TimeoutError as e:
         raise BackendError(
             503,
             f"GPU agent unreachable at {address}: no answer in {timeout:g}s",
             "agent_unreachable",
         ) from e
-    except BackendError:
-        raise
     except Exception as e:
         raise BackendError(
             503, f"GPU agent unreachable at {address}: {e}", "agent_unreachable"
