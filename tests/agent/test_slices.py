@@ -218,8 +218,8 @@ def test_the_session_secret_closes_a_session_beside_its_connection(make_agent):
     import socket as _socket
 
     from jupyter_elastic_gpu.protocol.client import parse_address
-    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
     from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
 
     agent = make_agent()
     s = RemoteSession(DirectLease(agent.address, 0.5), secret="owner-secret")

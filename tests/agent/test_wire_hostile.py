@@ -16,8 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_elastic_gpu.protocol.client import query_inventory
-from jupyter_elastic_gpu.protocol.client import parse_address
+from jupyter_elastic_gpu.protocol.client import parse_address, query_inventory
 from jupyter_elastic_gpu.protocol.frames import encode_frame, recv_frame, send_frame
 
 

@@ -19,8 +19,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from traitlets.config import Config
 
-from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.broker.client import BrokerClient
+from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.provisioner.kernelspecs import ElasticGPUKernelSpecs
 from tests.broker.conftest import start, stop, wait_http
 from tests.conftest import AgentProcess, free_port

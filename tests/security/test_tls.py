@@ -21,8 +21,8 @@ import threading
 import pytest
 
 from jupyter_elastic_gpu.agent.certs import make_certs
-from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.protocol import tls
+from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
 from tests.conftest import AgentProcess, free_port
 
