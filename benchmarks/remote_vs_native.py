@@ -97,11 +97,12 @@ elif name in ("h2d", "d2h"):  # bulk transfers: where the wire (and TLS) shows
     res = {"bytes": nbytes * n, "seconds": total, "unit": "GB/s", "throughput": nbytes * n / total / 1e9}
 if mode.startswith("remote"):
     res["ops_sent"] = sess.stats["ops"]; res["batches_sent"] = sess.stats["batches"]
+    res["bytes_up"] = sess.stats["bytes_up"]; res["bytes_down"] = sess.stats["bytes_down"]
 print("RESULT " + json.dumps(res))
 """
 
 
-def run(mode, name, quick, address, device, tls_dir=None):
+def run(mode, name, quick, address, device, tls_dir=None, script=WORKLOADS):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("ELASTIC_GPU_TLS_DIR", None)
     if mode.startswith("remote"):
@@ -109,7 +110,7 @@ def run(mode, name, quick, address, device, tls_dir=None):
     if mode == "remote_tls":
         env["ELASTIC_GPU_TLS_DIR"] = tls_dir
     p = subprocess.run(
-        [sys.executable, "-c", WORKLOADS, mode, name, "1" if quick else "0", address],
+        [sys.executable, "-c", script, mode, name, "1" if quick else "0", address],
         env=env,
         capture_output=True,
         text=True,

@@ -124,14 +124,23 @@ def _run(argv):
     from . import remote
 
     remote.attach(opts.agent, fraction=opts.gpu, broker=opts.broker)
+    # sys.path[0] is what `python` makes it: the script's folder (sibling modules import),
+    # else the working directory; never this command's own folder.
     sys.argv = cmd
     if cmd[0] == "-m":
+        if len(cmd) < 2:
+            p.error("-m needs a module name")
         sys.argv = cmd[1:]
+        sys.path[0] = os.getcwd()
         runpy.run_module(cmd[1], run_name="__main__", alter_sys=True)
     elif cmd[0] == "-c":
+        if len(cmd) < 2:
+            p.error("-c needs a program")
         sys.argv = ["-c", *cmd[2:]]
+        sys.path[0] = ""
         exec(compile(cmd[1], "<string>", "exec"), {"__name__": "__main__"})
     else:
+        sys.path[0] = os.path.dirname(os.path.abspath(cmd[0]))
         runpy.run_path(cmd[0], run_name="__main__")
 
 

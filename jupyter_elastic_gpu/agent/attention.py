@@ -26,6 +26,34 @@ def _none_if_empty(bias):
     return None if bias is None or bias.numel() == 0 else bias
 
 
+def _aligned(bias):
+    """The memory-efficient kernel wants a bias whose rows start 16-element aligned; pad and
+    slice back as PyTorch's own ``preprocess_mask`` does (same values, aligned strides)."""
+    if bias is None or bias.size(-1) % 16 == 0:
+        return bias
+    n = bias.size(-1)
+    return torch.nn.functional.pad(bias, (0, 16 - n % 16))[..., :n]
+
+
+def _bias_grad(grad_out, q, k, v, bias, out, is_causal, scale):
+    """The gradient of an additive attention bias (T5's learned position bias), in ``bias``'s
+    own (often broadcast) shape.
+
+    The fused kernels either cannot give it (CPU flash) or give it only for biases of the full
+    (B, H, L, S) shape with aligned strides (CUDA memory-efficient): recompute the softmax
+    instead. Only models that train their bias pay this O(L*S) memory, once per backward."""
+    f = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qf, kf, vf, g, o = (t.to(f) for t in (q, k, v, grad_out, out))
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    s = qf @ kf.transpose(-2, -1) * scale + bias.to(f)
+    if is_causal:
+        keep = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    ds = p * (g @ vf.transpose(-2, -1) - (g * o).sum(-1, keepdim=True))
+    return ds.sum_to_size(bias.shape).to(bias.dtype)
+
+
 def cuda_forward(
     q, k, v, attn_bias=None, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None
 ):
@@ -35,7 +63,7 @@ def cuda_forward(
         )
         return out, lse, None, None, mq, mk, rng, unused, None
     out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
-        q, k, v, attn_bias, True, dropout_p, is_causal, scale=scale
+        q, k, v, _aligned(_none_if_empty(attn_bias)), True, dropout_p, is_causal, scale=scale
     )
     return out, lse, None, None, q.size(2), k.size(2), seed, offset, None
 
@@ -80,22 +108,33 @@ def cuda_backward(
             scale=scale,
         )
         return gq, gk, gv, q.new_empty(0)
-    gq, gk, gv, gb = aten._scaled_dot_product_efficient_attention_backward(
+    gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward(
         grad_out,
         q,
         k,
         v,
-        bias,
+        _aligned(bias),
         out,
         lse,
         seed,
         offset,
         dropout_p,
-        grad_input_mask,
+        [*grad_input_mask[:3], False],
         is_causal,
         scale=scale,
     )
-    return gq, gk, gv, gb if gb is not None else q.new_empty(0)
+    return (
+        gq,
+        gk,
+        gv,
+        _wanted_bias_grad(grad_out, q, k, v, bias, out, grad_input_mask, is_causal, scale),
+    )
+
+
+def _wanted_bias_grad(grad_out, q, k, v, bias, out, grad_input_mask, is_causal, scale):
+    if bias is None or not grad_input_mask[3]:
+        return q.new_empty(0)
+    return _bias_grad(grad_out, q, k, v, bias, out, is_causal, scale)
 
 
 def cpu_forward(
@@ -140,7 +179,13 @@ def cpu_backward(
         attn_mask=_none_if_empty(attn_bias),
         scale=scale,
     )
-    return gq, gk, gv, q.new_empty(0)
+    bias = _none_if_empty(attn_bias)
+    return (
+        gq,
+        gk,
+        gv,
+        _wanted_bias_grad(grad_out, q, k, v, bias, out, grad_input_mask, is_causal, scale),
+    )
 
 
 def register(device_kind: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+import time
 
 import torch
 
@@ -43,6 +44,11 @@ _FACTORIES = frozenset(
         "empty_permuted",
     )
 )
+# The agent runs ahead of the GPU by at most this much queued work (see _bound_run_ahead);
+# it bounds how long an interrupt waits for work already launched.
+RUN_AHEAD_SECONDS = 0.25
+RUN_AHEAD_EVERY = 32  # ops between two progress marks (CUDA events)
+RUN_AHEAD_MAX_MARKS = 256  # and at most this many marks (8192 ops) in flight
 _NAME = re.compile(
     r"^([a-z][a-z0-9_]{0,63})::([a-z_][a-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,63})$"
 )
@@ -108,13 +114,14 @@ class SessionExecutor:
         self.slice_cap = 0
         self.cancelled = False  # the batch running now was interrupted: skip the rest of it
         self.cuda = any(d.type == "cuda" for d in devices)
-        self._inflight: collections.deque = collections.deque()
+        self._inflight: collections.deque = collections.deque()  # (time, event) marks
+        self._new_event = torch.cuda.Event
         self.slice_name = "this slice"
         self._storage_of: dict[int, int] = {}
         self._refs: dict[int, list] = {}
         self.in_use = 0
         self.peak = 0
-        self.decode = ArgumentDecoder(self.tensor, devices)
+        self.decode = ArgumentDecoder(self.tensors, self.tensor, devices)
 
     # -- decoding --------------------------------------------------------------------
     def tensor(self, rid) -> torch.Tensor:
@@ -137,8 +144,8 @@ class SessionExecutor:
             op = self.resolve(name)
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise ProtocolError("op arguments must be a list and an object")
-            a = self.decode(args, bufs, base)
-            k = {str(key): self.decode(val, bufs, base) for key, val in kwargs.items()}
+            a = self.decode.args(args, bufs, base)
+            k = self.decode.kwargs(kwargs, bufs, base) if kwargs else {}
             if self.cap_bytes is not None and op._schema.name in _FACTORIES:
                 self._precheck(op, a, k)
             return op(*a, **k)
@@ -179,7 +186,7 @@ class SessionExecutor:
                 self.cancelled = True
                 self._fail(outs)
                 continue
-            if self.cuda and i % 32 == 31:
+            if self.cuda and i % RUN_AHEAD_EVERY == RUN_AHEAD_EVERY - 1:
                 self._bound_run_ahead()
             try:
                 self._store(self.run(name, args, kwargs, bufs, base), outs, name)
@@ -189,16 +196,40 @@ class SessionExecutor:
                     self.error = error_payload(e, deferred=True)
         self.free(free)
 
-    def _bound_run_ahead(self, depth: int = 4) -> None:
-        """Keep at most ``depth`` x 32 ops queued on the GPU ahead of execution, so that an
-        interrupt (or a swap) waits for little more than the op running now."""
-        ev = torch.cuda.Event()
+    def _bound_run_ahead(self) -> None:
+        """Keep the GPU fed but never more than ``RUN_AHEAD_SECONDS`` behind the ops issued.
+
+        An event marks every ``RUN_AHEAD_EVERY`` ops. Finished marks are dropped by polling
+        (``query()``, no wait); only when the oldest unfinished mark is older than the budget
+        is the GPU that far behind, and then (only then) this waits for it. So a launch-bound
+        loop never synchronises, while an interrupt (or a swap) finds at most about
+        ``RUN_AHEAD_SECONDS`` of queued GPU work left to drain."""
+        now = time.monotonic()
+        ev = self._new_event()
         ev.record()
-        self._inflight.append(ev)
-        if len(self._inflight) > depth:
-            self._inflight.popleft().synchronize()
+        inflight = self._inflight
+        inflight.append((now, ev))
+        while inflight:
+            t0, oldest = inflight[0]
+            if not oldest.query():
+                if now - t0 < RUN_AHEAD_SECONDS and len(inflight) <= RUN_AHEAD_MAX_MARKS:
+                    break
+                oldest.synchronize()
+            inflight.popleft()
 
     def _store(self, result, outs, name=None):
+        if type(result) is torch.Tensor and type(outs) is list and len(outs) == 1:
+            rid = outs[0]  # one new tensor: the common case, without the general walk below
+            if type(rid) is int and rid > 0:
+                if rid in self.tensors or rid in self.failed:
+                    self.free([rid])  # a reused id replaces its tensor
+                self.tensors[rid] = result
+                self._account(rid, result)
+                if self.cap_bytes is not None and self.in_use > self.cap_bytes:
+                    over = self.in_use
+                    self.free([rid])
+                    raise torch.OutOfMemoryError(self.oom_message(over))
+                return
         flat = _flat(result, [])
         if not isinstance(outs, list) or len(outs) != len(flat):
             raise ProtocolError(f"op produced {len(flat)} tensors but {outs!r} ids were given")

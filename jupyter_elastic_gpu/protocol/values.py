@@ -172,8 +172,28 @@ class ArgumentDecoder:
     """The agent's decoder of one session's op arguments: tensor ids resolve only in that
     session's table (``lookup``), devices only to its own GPUs, buffers only to this frame's."""
 
-    def __init__(self, lookup, devices: list[torch.device]):
-        self.lookup, self.devices = lookup, devices
+    def __init__(self, tensors: dict, lookup, devices: list[torch.device]):
+        # ``tensors`` is read directly for the common case; ``lookup`` explains a missing id.
+        self.tensors, self.lookup, self.devices = tensors, lookup, devices
+
+    def args(self, args: list, bufs, base=0) -> list:
+        """An op's argument list, its two common cases (a scalar, a tensor id) inline: most
+        ops are a few of those, and this is paid once per op."""
+        out = []
+        tensors = self.tensors
+        for v in args:
+            t = type(v)
+            if t is dict and len(v) == 1 and "t" in v:
+                x = tensors.get(v["t"]) if type(v["t"]) is int else None
+                out.append(x if x is not None else self.lookup(v["t"]))
+            elif t is int or t is float or t is bool or v is None:
+                out.append(v)
+            else:
+                out.append(self(v, bufs, base))
+        return out
+
+    def kwargs(self, kwargs: dict, bufs, base=0) -> dict:
+        return {str(key): self(val, bufs, base) for key, val in kwargs.items()}
 
     def __call__(self, v, bufs, base=0):
         t = type(v)

@@ -96,6 +96,15 @@ class RemoteTensor(torch.Tensor):
 
     __str__ = __repr__
 
+    def __format__(self, format_spec):
+        # torch formats only plain 0-dim Tensors as numbers (f"{loss:.3f}"); for any other
+        # tensor it says the same as torch does for a CPU tensor of that shape.
+        if self.dim() == 0:
+            return self.detach().item().__format__(format_spec)
+        if format_spec:
+            raise TypeError("unsupported format string passed to Tensor.__format__")
+        return str(self)
+
     def tolist(self):
         return self.cpu().tolist()
 
@@ -116,9 +125,9 @@ class RemoteTensor(torch.Tensor):
         return t.requires_grad_(requires_grad)
 
     def __reduce_ex__(self, proto):
-        # Saved remote tensors are plain CPU tensors: loadable anywhere, and
-        # torch.load(map_location="cuda") brings them back to the remote GPU.
-        return self.detach().cpu().requires_grad_(self.requires_grad).__reduce_ex__(proto)
+        from .serialization import reduce_remote  # saved as CUDA tensors are: see there
+
+        return reduce_remote(self)
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -169,6 +178,26 @@ def _remote_ref(v, sig, inputs):
 
 
 _encode = argument_encoder(RemoteTensor, _remote_ref)
+
+
+def _encode_args(args, sig, bufs, inputs):
+    """``_encode`` of an op's positional arguments (same wire form, same cache key), with
+    remote tensors and plain scalars inline: they are nearly all arguments of nearly all ops,
+    and this runs once per op."""
+    sig.append(len(args))
+    out = []
+    for v in args:
+        t = type(v)
+        if t is RemoteTensor and v._sess is _session:
+            sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
+            inputs.append(v)
+            out.append({"t": v._rid})
+        elif t is float or t is int or t is bool or v is None:
+            sig.append((t, v))
+            out.append(v)
+        else:
+            out.append(_encode(v, sig, bufs, inputs))
+    return out
 
 
 def _to_meta(v, metas):
@@ -270,9 +299,13 @@ def _forward(func, args, kwargs):
     sig = [func]
     bufs = []
     inputs = []  # remote tensor arguments in order, for ops that return one of them
-    eargs = _encode(args, sig, bufs, inputs)
-    ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
-    sig.append(tuple(kwargs))
+    eargs = _encode_args(args, sig, bufs, inputs)
+    if kwargs:
+        ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
+        sig.append(tuple(kwargs))
+    else:
+        ekwargs = {}
+        sig.append(())
     if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
         raise RuntimeError(
             "Expected all tensors to be on the same device, but found at least two "
@@ -391,4 +424,7 @@ def register_backend(backend_module) -> None:
 
     if RemoteTensor not in optimizer._foreach_supported_types:
         optimizer._foreach_supported_types.append(RemoteTensor)
+    from . import modules
+
+    modules.install()
     _registered = True

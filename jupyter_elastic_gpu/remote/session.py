@@ -117,8 +117,9 @@ class RemoteSession:
         self._owed_replies = 0  # replies of requests abandoned by an interrupt
         self.epoch = 0  # bumped by each interrupt; batches carry it
         self._closed = False
+        self.forked = False  # this is a fork()ed child's copy: the connection is the parent's
         self._lost: AgentUnavailable | None = None  # a broken connection the flusher found
-        self.stats = {"ops": 0, "batches": 0, "requests": 0}
+        self.stats = {"ops": 0, "batches": 0, "requests": 0, "bytes_up": 0, "bytes_down": 0}
         self.on_attach = []  # callbacks(session) after a lease is taken
         self._flusher = threading.Thread(target=self._flush_loop, name="egpu-flusher", daemon=True)
         self._flusher.start()
@@ -153,6 +154,7 @@ class RemoteSession:
         freed, self.freed = self.freed, []
         header = m.Batch(ops=self._pending, free=freed, epoch=self.epoch).header()
         self.stats["batches"] += 1
+        self.stats["bytes_up"] += self._buf_bytes
         bufs = [as_buffer(b) for b in self._bufs]
         self._pending, self._bufs, self._buf_bytes = [], [], 0
         self._send(header, bufs)
@@ -260,6 +262,7 @@ class RemoteSession:
     # -- sync points ------------------------------------------------------------------------
     def fetch(self, x) -> torch.Tensor:
         reply, bufs = self.request(m.Fetch(t=x._rid).header())
+        self.stats["bytes_down"] += len(bufs[0])
         local = tensor_from_buffer(reply["tensor"], bufs[0])
         if local.stride() == x.stride() or not _dense(x):
             return local
@@ -292,6 +295,8 @@ class RemoteSession:
     # -- lease and connection -------------------------------------------------------------------
     def attach(self) -> None:
         """Take a lease and bind this session to the agent it names (blocks while queued)."""
+        if self.forked:
+            raise RuntimeError(FORKED_MESSAGE)
         with self._lock:
             if self.attached:
                 return
@@ -377,6 +382,8 @@ class RemoteSession:
 
     def release(self) -> None:
         """Wait for queued GPU work to drain, then give the lease back (state stays on the agent)."""
+        if self.forked:
+            return
         with self._lock:
             if not self.attached:
                 return
@@ -388,6 +395,8 @@ class RemoteSession:
 
     def close(self) -> None:
         """Free everything on the agent and end the session."""
+        if self.forked:
+            return  # the session and its lease are the parent's
         with self._lock:
             if self._closed:
                 return
@@ -403,6 +412,36 @@ class RemoteSession:
                     self.attached = False
                     self.lease_provider.release()
                 self._closed = True
+
+
+FORKED_MESSAGE = (
+    "Cannot re-initialize CUDA in forked subprocess. To use CUDA with multiprocessing, you "
+    "must use the 'spawn' start method (this process's GPU is remote: its connection to the "
+    "GPU agent belongs to the parent process; a spawned child can attach its own session)"
+)
+
+
+def _after_fork_in_child() -> None:
+    """A fork()ed child (DataLoader worker, multiprocessing) must never use the parent's
+    connection: its bytes would interleave with the parent's on the one stream, and the
+    parent's lock may be held by a thread that does not exist here. Forget the socket without
+    shutting it down (that would cut the parent's connection too), as CUDA marks a bad fork."""
+    sess = backend._session
+    if sess is None:
+        return
+    sess.forked = True
+    sess.attached = False
+    sess.sock = None
+    sess._receiver = None
+    sess._lock = threading.RLock()
+    sess._pending, sess._bufs, sess._buf_bytes = [], [], 0
+    sess.freed = []
+    sess._owed_replies = 0
+    sess._closed = True  # no flusher runs here, and nothing may reconnect
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _dense(x) -> bool:

@@ -84,3 +84,53 @@ def test_run_explains_what_is_missing():
         timeout=60,
     )
     assert p.returncode == 2 and "nothing to run" in p.stderr
+
+
+def _run(agent, *command, cwd=None):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_elastic_gpu",
+            "run",
+            "--agent",
+            agent.address,
+            "--",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
+
+
+def test_run_behaves_like_python(agent, tmp_path):
+    """Sibling modules import, __file__/__name__/argv are Python's, exit codes pass through."""
+    (tmp_path / "data.py").write_text("VALUE = 42\n")
+    (tmp_path / "main.py").write_text(
+        textwrap.dedent("""
+        import sys, data
+        print("path0", sys.path[0], "value", data.VALUE, "file", __file__, "argv", sys.argv)
+        if __name__ == "__main__":
+            sys.exit(int(sys.argv[1]))
+    """)
+    )
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    p = _run(agent, "python", str(tmp_path / "main.py"), "3", cwd=elsewhere)
+    assert p.returncode == 3, p.stderr
+    assert f"path0 {tmp_path} value 42 file {tmp_path / 'main.py'}" in p.stdout
+    assert f"argv ['{tmp_path / 'main.py'}', '3']" in p.stdout
+
+    p = _run(agent, "python", "-m", "data", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    p = _run(
+        agent, "python", "-c", "import sys, data; print(sys.argv, data.VALUE)", "x", cwd=tmp_path
+    )
+    assert p.returncode == 0 and "['-c', 'x'] 42" in p.stdout, p.stderr
+
+    (tmp_path / "boom.py").write_text("raise ValueError('boom')\n")
+    p = _run(agent, "python", str(tmp_path / "boom.py"))
+    assert p.returncode == 1 and "Traceback" in p.stderr and "ValueError: boom" in p.stderr
