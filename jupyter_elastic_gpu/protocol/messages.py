@@ -63,7 +63,12 @@ def _is_int(v) -> bool:
 
 
 def _int_list(v) -> bool:
-    return type(v) is list and all(type(x) is int for x in v)
+    if type(v) is not list:
+        return False
+    for x in v:  # a loop, not all(genexpr): this checks every batch record's ids
+        if type(x) is not int:
+            return False
+    return True
 
 
 _CHECKS: dict[Any, tuple] = {
@@ -289,25 +294,28 @@ class Free(NamedTuple):
         return {"free": self.ids}
 
 
-def parse_record(rec) -> Run | Free:
-    """One record of a batch's ``ops``; the fields' types are checked, their values are the
-    executor's to judge (unknown op names, ids of other sessions)."""
-    if type(rec) is dict and rec.keys() == {"free"}:
+def parse_record(rec) -> list | Free:
+    """One record of a batch's ``ops``: a ``Free``, or a ``Run``'s five fields as the list
+    received (not copied into a ``Run``: this is paid for every op the agent runs). The fields'
+    types are checked; their values are the executor's to judge (unknown op names, ids of
+    other sessions)."""
+    t = type(rec)
+    if t is list and len(rec) == 5:
+        _, args, kwargs, out, buf = rec
+        if type(args) is not list or type(kwargs) is not dict:
+            raise ProtocolError("op arguments must be a list and an object")
+        if not _int_list(out) or type(buf) is not int or buf < 0:
+            raise ProtocolError(f"bad output ids {_show(out)} or buffer base {_show(buf)}")
+        # The name is checked by the op resolver, which names what is wrong with it.
+        return rec
+    if t is dict and len(rec) == 1 and "free" in rec:
         if not _int_list(rec["free"]):
             raise ProtocolError(f"free must be a list of ids, got {_show(rec['free'])}")
         return Free(rec["free"])
-    if type(rec) is not list or len(rec) != 5:
-        raise ProtocolError(
-            'each op must be [name, args, kwargs, out_ids, buffer_base] or {"free": ids}, '
-            f"got {_show(rec)}"
-        )
-    name, args, kwargs, out, buf = rec
-    if type(args) is not list or type(kwargs) is not dict:
-        raise ProtocolError("op arguments must be a list and an object")
-    if not _int_list(out) or type(buf) is not int or buf < 0:
-        raise ProtocolError(f"bad output ids {_show(out)} or buffer base {_show(buf)}")
-    # The name is checked by the op resolver, which names what is wrong with it.
-    return Run(name, args, kwargs, out, buf)
+    raise ProtocolError(
+        'each op must be [name, args, kwargs, out_ids, buffer_base] or {"free": ids}, '
+        f"got {_show(rec)}"
+    )
 
 
 # -- replies ---------------------------------------------------------------------------------

@@ -136,8 +136,10 @@ class RemoteSession:
             if self.freed:
                 # Frees go in stream order, so memory is reused within a batch as on a GPU.
                 freed, self.freed = self.freed, []
-                self._pending.append(m.Free(freed).wire())
-            self._pending.append(m.Run(_op_name(func), eargs, ekwargs, ids, len(self._bufs)))
+                self._pending.append({"free": freed})  # an m.Free record
+            # An m.Run record, built as the bare list it is on the wire: this runs once per op,
+            # and the agent validates every record it receives (messages.parse_record).
+            self._pending.append([_op_name(func), eargs, ekwargs, ids, len(self._bufs)])
             self.stats["ops"] += 1
             if bufs:
                 self._bufs.extend(bufs)

@@ -61,6 +61,7 @@ def test_a_reader_serves_only_the_requests_it_declares():
         ({"free": ["a"]}, "list of ids"),
         (["aten::add.Tensor", {}, {}, [1], 0], "list and an object"),
         (["aten::add.Tensor", [], {}, [1], -1], "buffer base"),
+        (["aten::add.Tensor", [], {}, [True], 0], "output ids"),
     ],
 )
 def test_bad_batch_records_are_refused(rec, words):
@@ -69,9 +70,8 @@ def test_bad_batch_records_are_refused(rec, words):
 
 
 def test_batch_records_are_declared_types():
-    assert m.parse_record(["aten::add.Tensor", [], {}, [4], 0]) == m.Run(
-        "aten::add.Tensor", [], {}, [4], 0
-    )
+    rec = ["aten::add.Tensor", [], {}, [4], 0]
+    assert m.Run(*m.parse_record(rec)) == m.Run("aten::add.Tensor", [], {}, [4], 0)
     assert m.parse_record({"free": [1, 2]}) == m.Free([1, 2])
 
 
@@ -79,11 +79,11 @@ def _decoder():
     table = {1: torch.ones(2)}
 
     def lookup(rid):
-        if rid not in table:
+        if type(rid) is not int or rid not in table:  # as the executor's: True is no id
             raise m.ProtocolError(f"unknown tensor id {rid!r}")
         return table[rid]
 
-    return ArgumentDecoder(lookup, [torch.device("cpu")])
+    return ArgumentDecoder(table, lookup, [torch.device("cpu")])
 
 
 @pytest.mark.parametrize(
@@ -105,6 +105,18 @@ def _decoder():
 def test_hostile_values_are_refused_in_process(value, words):
     with pytest.raises(m.ProtocolError, match=words):
         _decoder()(value, [b"\0" * 4])
+    # The per-op fast path over an argument list refuses exactly what the full decoder does.
+    with pytest.raises(m.ProtocolError, match=words):
+        _decoder().args([1.5, value], [b"\0" * 4])
+
+
+def test_argument_list_fast_path_resolves_ids_only_in_its_own_table():
+    dec = _decoder()
+    got = dec.args([{"t": 1}, 2, None, True, {"dt": "int8"}], [])
+    assert got[0] is dec.tensors[1] and got[1:] == [2, None, True, torch.int8]
+    for foreign in ({"t": "1"}, {"t": 1.0}, {"t": True}):
+        with pytest.raises(m.ProtocolError, match="unknown tensor id"):
+            dec.args([foreign], [])
 
 
 def test_values_decode_to_what_they_name():
