@@ -22,6 +22,7 @@ import time
 import uuid
 
 from ..protocol import messages as m
+from ..protocol.fraction import GPUFraction
 from ..protocol.frames import ProtocolError, recv_frame, send_frame, send_refusal, set_liveness
 from ..protocol.tls import TLS_RECORD_HANDSHAKE, server_context
 from .auth import HelloRejected, check_hello
@@ -361,9 +362,12 @@ class Agent:
                 except HelloRejected as e:
                     send_refusal(conn, str(e))
                     return None
-                # Open mode has no broker placement: a lease above 1 takes the first GPUs.
-                fraction = float(claims.get("fraction") or hello.fraction or 1.0)
-                gpus = claims.get("gpus") or list(range(int(fraction) if fraction > 1 else 1))
+                try:
+                    fraction = GPUFraction(claims.get("fraction") or hello.fraction or 1.0)
+                    gpus = claims.get("gpus") or self._open_mode_gpus(fraction)
+                except ValueError as e:
+                    send_refusal(conn, str(e))
+                    return None
                 worker = self.workers[session] = self._spare()
                 worker.assign(session, secret, gpus, fraction, claims.get("user"))
                 log.info(
@@ -462,6 +466,13 @@ class Agent:
                     threading.Thread(target=self._refill_spares, daemon=True).start()
                 elif not worker.ready:
                     log.warning("a spare worker failed to start; workers now start on demand")
+
+    def _open_mode_gpus(self, fraction: GPUFraction) -> list[int]:
+        # No broker placement: a lease above 1 takes the first GPUs, if there are that many.
+        have = len(gpu_inventory(self.device, self.cpu_memory_gib))
+        if fraction.gpus > have:
+            raise ValueError(f"a fraction of {fraction:g} needs {fraction.gpus} GPUs; this agent has {have}")
+        return list(range(fraction.gpus))
 
     def inventory(self) -> dict:
         with self.lock:

@@ -24,6 +24,7 @@ import time
 import torch
 
 from ..protocol import messages as m
+from ..protocol.fraction import GPUFraction
 from ..protocol.frames import ProtocolError, recv_frame, send_frame, send_refusal
 from ..protocol.tls import GO_AHEAD, server_context
 from ..protocol.values import as_buffer, tensor_from_buffer
@@ -99,14 +100,13 @@ class Worker:
                 "minor": 0,
                 "multi_processor_count": os.cpu_count() or 1,
             }
-        frac = self.fraction if self.fraction <= 1 else 1.0
         return {
             **info,
             "kind": self.device_kind,
             "count": n,
             "total_memory": total,
             "fraction": self.fraction,
-            "cap_bytes": int(total * frac),
+            "cap_bytes": int(total * GPUFraction(self.fraction).per_gpu),
         }
 
     def _apply_cap(self):
@@ -114,7 +114,8 @@ class Worker:
         self.cap_bytes = info["cap_bytes"]
         if self.device_kind == "cuda":
             for d in self.devices:
-                torch.cuda.set_per_process_memory_fraction(min(1.0, max(self.fraction, 0.01)), d)
+                share = GPUFraction(self.fraction).per_gpu
+                torch.cuda.set_per_process_memory_fraction(max(share, 0.01), d)
         self.executor.cap_bytes = self.cap_bytes if self.device_kind == "cpu" else None
         self.executor.slice_cap = self.cap_bytes
         self.executor.slice_name = f"{self.fraction:g} of {info['name']}"
@@ -213,7 +214,11 @@ class Worker:
             return
         self.user = claims.get("user", self.user)
         self.expires = claims.get("exp")
-        self.fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
+        try:
+            self.fraction = GPUFraction(claims.get("fraction") or hello.get("fraction") or 1.0)
+        except ValueError as e:
+            self.reply(m.error_reply("ValueError", str(e)))
+            return
         self._apply_cap()
         # The agent may swap idle sessions out to make room for this one first.
         self.notify(event="attaching", user=self.user, fraction=self.fraction, need=self.cap_bytes)

@@ -12,7 +12,6 @@ expiry and the agent's vanished-client grace are the backstops if even that fail
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import secrets
 from typing import Any
@@ -21,14 +20,17 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Float, Unicode, validate
 
 from ..protocol.client import close_session, is_listed
+from ..protocol.fraction import GPUFraction
 from . import endpoints
+
+DEFAULT_GPU = 1.0  # a kernelspec of this provisioner without config.gpu gets one GPU
 
 
 class ElasticGPUProvisioner(LocalProvisioner):
     """Launch an ipykernel on this node with a remote GPU slice of ``gpu`` GPUs."""
 
     gpu = Float(
-        1.0,
+        DEFAULT_GPU,
         help="GPUs this kernel leases while a cell runs GPU work: a share of one GPU "
         "(0.25, 0.5, 1) or whole GPUs (2). Normally set per kernelspec, in "
         'metadata.kernel_provisioner.config: {"gpu": 0.5}.',
@@ -68,10 +70,7 @@ class ElasticGPUProvisioner(LocalProvisioner):
 
     @validate("gpu")
     def _check_gpu(self, proposal):
-        gpu = proposal["value"]
-        if not (math.isfinite(gpu) and gpu > 0):
-            raise ValueError(f"elastic-gpu-provisioner: gpu must be a positive fraction, not {gpu}")
-        return gpu
+        return float(GPUFraction(proposal["value"], "elastic-gpu-provisioner: gpu"))
 
     # Where the running kernel leases from, fixed at launch: cleanup must reach the same
     # broker with the same token even if the environment changed since.

@@ -20,6 +20,7 @@ from collections import namedtuple
 import torch
 
 from ..protocol import messages as wire
+from ..protocol.fraction import GPUFraction
 from . import backend
 from .backend import BACKEND
 
@@ -263,8 +264,7 @@ def _is_in_bad_fork() -> bool:
 
 @_cuda
 def device_count() -> int:
-    f = _sess().fraction
-    return max(1, int(f)) if f > 1 else 1
+    return GPUFraction(_sess().fraction).gpus
 
 
 @_cuda
@@ -434,7 +434,7 @@ def list_gpu_processes(device=None) -> str:
 @_cuda
 def get_per_process_memory_fraction(device=None) -> float:
     _index(device)
-    return float(min(1.0, _info()["fraction"]))
+    return GPUFraction(_info()["fraction"]).per_gpu
 
 
 @_cuda
@@ -999,8 +999,7 @@ def _reduce_for_child(t):
 
 def install(session) -> None:
     backend.register_backend(_device_module())
-    f = session.fraction
-    session.devices = [torch.device(BACKEND, i) for i in range(max(1, int(f)) if f > 1 else 1)]
+    session.devices = [torch.device(BACKEND, i) for i in range(GPUFraction(session.fraction).gpus)]
     for owner, name, new in _cuda_plan():
         _set(owner, name, new)
     # torch.utils.checkpoint saves device RNG state only for an initialized device module.
