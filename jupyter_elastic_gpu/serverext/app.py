@@ -19,15 +19,14 @@ import getpass
 import json
 import os
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
 from ..protocol import client as agent_client
-
-BROKER_SERVICE_PATH = "services/elastic-gpu/api/"
+from ..provisioner import endpoints
 
 
 class BackendError(Exception):
@@ -38,21 +37,6 @@ class BackendError(Exception):
         self.status = status
         self.message = message
         self.reason = reason
-
-
-def broker_url_from_hub_api(api_url: str) -> str:
-    """``http://h:8081/prefix/hub/api`` -> ``http://h:8081/prefix/services/elastic-gpu/api/``."""
-    parts = urlsplit(api_url)
-    path = parts.path.rstrip("/")
-    if path.endswith("/hub/api"):
-        path = path[: -len("hub/api")]
-    elif path.endswith("/api"):
-        path = path[: -len("api")]
-    else:
-        path = "/"
-    if not path.endswith("/"):
-        path += "/"
-    return urlunsplit((parts.scheme, parts.netloc, path + BROKER_SERVICE_PATH, "", ""))
 
 
 def strip_secrets(obj: Any) -> Any:
@@ -70,19 +54,15 @@ class ElasticGPUServerExtension(Configurable):
     broker_url = Unicode(
         help="""Base URL of the broker's REST API (ends with ``/services/elastic-gpu/api/``).
 
-        Default: env ``ELASTIC_GPU_BROKER_URL``; else, under JupyterHub, the host of
-        ``JUPYTERHUB_API_URL`` + ``/services/elastic-gpu/api/``; else empty (no broker).""",
+        Default: where this server's GPU kernels lease from (``provisioner.endpoints``):
+        env ``ELASTIC_GPU_BROKER_URL``; else none when an agent is set (``agent_address``);
+        else the broker derived from JupyterHub's environment; else empty (no broker).""",
     ).tag(config=True)
 
     @default("broker_url")
     def _default_broker_url(self) -> str:
-        url = os.environ.get("ELASTIC_GPU_BROKER_URL", "")
-        if url:
-            return url
-        api_url = os.environ.get("JUPYTERHUB_API_URL", "")
-        if api_url:
-            return broker_url_from_hub_api(api_url)
-        return ""
+        # The kernels' own resolver, so that the sidebar shows the broker they lease from.
+        return endpoints.resolve(agent=self.agent_address)[0]
 
     agent_address = Unicode(
         help="``HOST:PORT`` of a local agent, used when no broker is configured "
@@ -100,7 +80,7 @@ class ElasticGPUServerExtension(Configurable):
 
     @default("api_token")
     def _default_api_token(self) -> str:
-        return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        return endpoints.hub_token()
 
     connect_timeout = Float(2.0, help="Seconds to wait for a connection to the broker/agent.").tag(
         config=True

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from jupyter_elastic_gpu.provisioner import endpoints
 from jupyter_elastic_gpu.serverext.app import (
     ElasticGPUServerExtension,
-    broker_url_from_hub_api,
     kernel_gpu_state,
     strip_secrets,
 )
@@ -23,6 +23,13 @@ from .support import (
     gpu_kernelspec,
 )
 
+ENDPOINT_ENV = (
+    "ELASTIC_GPU_BROKER_URL",
+    "ELASTIC_GPU_AGENT",
+    "JUPYTERHUB_API_URL",
+    "JUPYTERHUB_PUBLIC_URL",
+    "JUPYTERHUB_BASE_URL",
+)
 SERVER_CONFIG = LOCAL_GPU_PROVISIONER_SHIM + "\nc.ElasticGPUServerExtension.request_timeout = 1.5\n"
 
 
@@ -64,33 +71,40 @@ def kernel(server):
 # ----------------------------------------------------------------------------- pure parts
 
 
-def test_broker_url_from_hub_api():
-    assert (
-        broker_url_from_hub_api("http://127.0.0.1:8081/hub/api")
-        == "http://127.0.0.1:8081/services/elastic-gpu/api/"
-    )
-    assert (
-        broker_url_from_hub_api("https://hub.example.org/prefix/hub/api/")
-        == "https://hub.example.org/prefix/services/elastic-gpu/api/"
-    )
-    assert broker_url_from_hub_api("http://h:1/x") == "http://h:1/services/elastic-gpu/api/"
-
-
-def test_broker_url_defaults(monkeypatch):
-    for k in ("ELASTIC_GPU_BROKER_URL", "JUPYTERHUB_API_URL", "ELASTIC_GPU_AGENT"):
+@pytest.mark.parametrize(
+    "env, mode, where",
+    [
+        ({}, "none", ""),
+        ({"ELASTIC_GPU_AGENT": "127.0.0.1:7070"}, "agent", "127.0.0.1:7070"),
+        (
+            {"JUPYTERHUB_API_URL": "http://10.1.2.3:8081/hub/api", "JUPYTERHUB_BASE_URL": "/"},
+            "broker",
+            None,  # endpoints.hub_broker_url's derivation, whatever it is
+        ),
+        # An agent set beside a Hub: the kernels use it directly, so the sidebar does too.
+        (
+            {"ELASTIC_GPU_AGENT": "127.0.0.1:7070", "JUPYTERHUB_API_URL": "http://h:8081/hub/api"},
+            "agent",
+            "127.0.0.1:7070",
+        ),
+        (
+            {"ELASTIC_GPU_BROKER_URL": "http://broker:9/api/", "ELASTIC_GPU_AGENT": "a:1"},
+            "broker",
+            "http://broker:9/api/",
+        ),
+    ],
+)
+def test_the_sidebar_talks_to_where_the_kernels_lease_from(monkeypatch, env, mode, where):
+    for k in ENDPOINT_ENV:
         monkeypatch.delenv(k, raising=False)
-    assert ElasticGPUServerExtension().mode == "none"
-    monkeypatch.setenv("ELASTIC_GPU_AGENT", "127.0.0.1:7070")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     ext = ElasticGPUServerExtension()
-    assert (ext.mode, ext.agent_address) == ("agent", "127.0.0.1:7070")
-    monkeypatch.setenv("JUPYTERHUB_API_URL", "http://10.1.2.3:8081/hub/api")
-    ext = ElasticGPUServerExtension()
-    assert (ext.mode, ext.broker_url) == (
-        "broker",
-        "http://10.1.2.3:8081/services/elastic-gpu/api/",
-    )
-    monkeypatch.setenv("ELASTIC_GPU_BROKER_URL", "http://broker:9/api/")
-    assert ElasticGPUServerExtension().broker_url == "http://broker:9/api/"
+    assert ext.mode == mode
+    if where is not None:
+        assert {"broker": ext.broker_url, "agent": ext.agent_address}.get(mode, "") == where
+    used = (ext.broker_url, ext.agent_address if mode == "agent" else "")
+    assert used == endpoints.resolve()
 
 
 def test_strip_secrets():
