@@ -9,6 +9,26 @@ from collections.abc import Callable
 import requests
 
 
+def describe_wait(lease: dict, stop: str = "interrupt the kernel") -> str:
+    """A queued lease, for a person: what is asked, who holds it, where it is in the queue,
+    and how to stop waiting (``stop``: what to do, in the words of where this is shown)."""
+    want = f"{lease.get('fraction', 0):g}"
+    if lease.get("reason") == "quota":
+        holders = []
+        for b in lease.get("blocked_by") or []:
+            who = b.get("notebook") or f"kernel {str(b.get('session', '?'))[:8]}"
+            holders.append(f"{who} ({b.get('fraction', 0):g} GPU)")
+        why = "your GPU quota is in use" + (" by " + ", ".join(holders) if holders else "")
+        after = "It starts by itself when their cells end"
+    else:
+        why = "all GPU slices of the pool are busy"
+        after = "It starts by itself when a slice frees up"
+    return (
+        f"Waiting for a {want} GPU slice: {why}. Position {lease.get('position')} in the queue. "
+        f"{after}; {stop} to stop waiting."
+    )
+
+
 class BrokerError(Exception):
     """The broker refused (``status`` is its HTTP status) or could not be reached (``None``)."""
 
