@@ -28,6 +28,8 @@ from ..protocol.tls import TLS_RECORD_HANDSHAKE, server_context
 from .auth import HelloRejected, check_hello
 from .inventory import gpu_inventory
 
+CPU_STAND_IN_GPUS = 8
+
 log = logging.getLogger("jupyter_elastic_gpu.agent")
 
 
@@ -469,9 +471,12 @@ class Agent:
 
     def _open_mode_gpus(self, fraction: GPUFraction) -> list[int]:
         # No broker placement: a lease above 1 takes the first GPUs, if there are that many.
-        have = len(gpu_inventory(self.device, self.cpu_memory_gib))
+        # A CPU agent stands in for as many GPUs as one host has, for multi-GPU code in CI.
+        have = len(gpu_inventory("cuda", 0)) if self.device == "cuda" else CPU_STAND_IN_GPUS
         if fraction.gpus > have:
-            raise ValueError(f"a fraction of {fraction:g} needs {fraction.gpus} GPUs; this agent has {have}")
+            raise ValueError(
+                f"a fraction of {fraction:g} needs {fraction.gpus} GPUs; this agent has {have}"
+            )
         return list(range(fraction.gpus))
 
     def inventory(self) -> dict:

@@ -333,3 +333,22 @@ def test_header_must_be_a_json_object(agent):
     s.sendall(struct.pack("<II", len(head), 0) + head)
     assert "object" in recv_frame(s)[0]["error"]["message"]
     s.close()
+
+
+def test_an_open_mode_hello_asks_only_for_gpus_the_agent_has(agent):
+    for fraction, words in [
+        (1e9, "needs 1000000000 GPUs; this agent has"),
+        (1.5, "fits no GPU"),
+        (-1, "fits no GPU"),
+    ]:
+        s = connect(agent.address)
+        try:
+            send_frame(
+                s,
+                {"op": "hello", "session": f"greedy-{fraction}", "secret": "x", "fraction": fraction},
+            )
+            reply, _ = recv_frame(s)
+            assert words in reply["error"]["message"], reply
+        finally:
+            s.close()
+    still_serving(agent.address)
