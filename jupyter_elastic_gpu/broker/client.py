@@ -30,35 +30,52 @@ def describe_wait(lease: dict, stop: str = "interrupt the kernel") -> str:
 
 
 class BrokerError(Exception):
-    """The broker refused (``status`` is its HTTP status) or could not be reached (``None``)."""
+    """The broker refused (``status`` is its HTTP status) or could not be reached (``None``).
 
-    def __init__(self, message: str, status: int | None = None):
+    ``reason``: ``unreachable`` (no answer), ``refused`` (4xx), ``broker_error`` (5xx),
+    ``bad_answer`` (a redirect or a body that is not JSON: probably not the broker's URL)."""
+
+    def __init__(self, message: str, status: int | None = None, reason: str | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.reason = reason or (
+            "unreachable" if status is None else "broker_error" if status >= 500 else "refused"
+        )
 
 
 class BrokerClient:
     """``url`` is the API base (``.../services/elastic-gpu/api/``); ``token`` a Hub or agent token."""
 
-    def __init__(self, url: str, token: str, *, timeout: float = 10.0):
+    def __init__(
+        self, url: str, token: str, *, timeout: float = 10.0, connect_timeout: float | None = None
+    ):
         self.url = url.rstrip("/") + "/"
         self.token = token
         self.timeout = timeout
+        self.connect_timeout = connect_timeout  # None: ``timeout`` for connecting too
         self._local = threading.local()  # requests.Session is not safe to share across threads
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
-            s.headers["Authorization"] = f"token {self.token}"
+            s.headers["Accept"] = "application/json"
+            if self.token:
+                s.headers["Authorization"] = f"token {self.token}"
         return s
 
     def _call(self, method: str, path: str, body=None, params=None, timeout=None):
         url = self.url + path
+        read = timeout or self.timeout
         try:
             r = self._session().request(
-                method, url, json=body, params=params, timeout=timeout or self.timeout
+                method,
+                url,
+                json=body,
+                params=params,
+                timeout=(self.connect_timeout, read) if self.connect_timeout else read,
+                allow_redirects=False,  # the API never redirects: a redirect is the wrong URL
             )
         except requests.RequestException as e:
             raise BrokerError(f"cannot reach the broker at {self.url}: {e}") from None
@@ -67,10 +84,23 @@ class BrokerClient:
         try:
             data = r.json()
         except ValueError:
+            if r.status_code < 400:
+                raise BrokerError(
+                    f"the broker at {url} answered {r.status_code} without JSON "
+                    "(is this the broker's API URL?)",
+                    r.status_code,
+                    "bad_answer",
+                ) from None
             data = {"message": r.text[:500] or r.reason}
         if r.status_code >= 400:
             message = data.get("message") if isinstance(data, dict) else None
             raise BrokerError(message or f"broker answered {r.status_code}", r.status_code)
+        if r.status_code >= 300:
+            raise BrokerError(
+                f"the broker at {url} answered {r.status_code} (is this the broker's API URL?)",
+                r.status_code,
+                "bad_answer",
+            )
         return data
 
     # -- users and kernels -----------------------------------------------------------------

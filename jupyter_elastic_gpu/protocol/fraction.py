@@ -30,7 +30,7 @@ class GPUFraction(float):
             raise ValueError(f"{what} must be a number, not {value!r}") from None
         if not (math.isfinite(f) and f > 0 and (f <= 1 + EPS or abs(f - round(f)) < EPS)):
             raise ValueError(
-                f"{what} {value!r} fits no GPU: use a share of one GPU (0 < f <= 1) "
+                f"{what} {f:g} fits no GPU: use a share of one GPU (0 < f <= 1) "
                 "or a whole number of GPUs (2, 4, ...)"
             )
         return super().__new__(cls, round(f) if f > 1 + EPS else min(f, 1.0))

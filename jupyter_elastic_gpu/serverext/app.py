@@ -3,8 +3,8 @@
 Two backends answer the handlers' questions:
 
 - :class:`BrokerBackend` (under JupyterHub): forwards to the broker's REST API with the
-  single-user server's Hub token, using tornado's non-blocking ``AsyncHTTPClient`` and
-  short timeouts.
+  single-user server's Hub token, through ``broker.client.BrokerClient`` (the one client of
+  the broker, as kernels and agents use it) in a worker thread, with short timeouts.
 - :class:`AgentBackend` (no broker, ``ELASTIC_GPU_AGENT`` set): asks one agent for its
   inventory through ``jupyter_elastic_gpu.protocol.client.query_inventory`` in a worker
   thread (torch-free: the server never imports torch).
@@ -15,16 +15,15 @@ Both raise :class:`BackendError` with an HTTP status and a message the sidebar s
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
-import json
 import os
 from typing import Any
-from urllib.parse import urlencode
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
+from ..broker.client import BrokerClient, BrokerError
 from ..protocol import client as agent_client
 from ..provisioner import endpoints
 
@@ -116,75 +115,50 @@ class ElasticGPUServerExtension(Configurable):
 
 
 class BrokerBackend:
+    """The broker's REST API through ``BrokerClient`` (the one broker client), in a worker
+    thread so that a slow broker never blocks the server's event loop."""
+
     mode = "broker"
 
     def __init__(self, ext: ElasticGPUServerExtension):
         self.ext = ext
-        base = ext.broker_url
-        self.base = base if base.endswith("/") else base + "/"
-
-    async def get(self, path: str, params: dict[str, str] | None = None) -> Any:
-        url = self.base + path
-        if params:
-            url += "?" + urlencode(params)
-        headers = {"Accept": "application/json"}
-        if self.ext.api_token:
-            headers["Authorization"] = f"token {self.ext.api_token}"
-        req = HTTPRequest(
-            url,
-            method="GET",
-            headers=headers,
-            connect_timeout=self.ext.connect_timeout,
-            request_timeout=self.ext.request_timeout,
-            follow_redirects=False,
+        self.base = ext.broker_url if ext.broker_url.endswith("/") else ext.broker_url + "/"
+        self.client = BrokerClient(
+            self.base,
+            ext.api_token,
+            timeout=ext.request_timeout,
+            connect_timeout=ext.connect_timeout,
         )
+
+    async def _ask(self, call, *args) -> Any:
+        loop = asyncio.get_running_loop()
         try:
-            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
-        except (HTTPClientError, OSError, asyncio.TimeoutError) as e:
-            raise BackendError(
-                503, f"GPU broker unreachable at {self.base}: {e}", "unreachable"
-            ) from e
-        if resp.code == 599:  # tornado's code for connection errors and timeouts
-            raise BackendError(
-                503, f"GPU broker unreachable at {self.base}: {resp.error}", "unreachable"
+            # The client's own timeouts end the call; this bounds it should they not.
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, functools.partial(call, *args)),
+                self.ext.connect_timeout + self.ext.request_timeout + 1,
             )
-        body: Any = None
-        if resp.body:
-            try:
-                body = json.loads(resp.body)
-            except ValueError:
-                body = None
-        if resp.code >= 400:
-            msg = body.get("message") if isinstance(body, dict) else None
-            if resp.code >= 500:
-                raise BackendError(
-                    502, f"GPU broker error ({resp.code}): {msg or resp.reason}", "broker_error"
-                )
+        except asyncio.TimeoutError:
             raise BackendError(
-                resp.code, msg or f"GPU broker refused: {resp.code} {resp.reason}", "refused"
-            )
-        if resp.code >= 300:
-            raise BackendError(
-                502, f"GPU broker answered {resp.code} at {url} (wrong broker_url?)", "bad_answer"
-            )
-        if body is None:
-            raise BackendError(502, f"GPU broker sent a non-JSON answer for {path}", "bad_answer")
-        return body
+                503, f"GPU broker unreachable at {self.base}: no answer", "unreachable"
+            ) from None
+        except BrokerError as e:
+            raise _backend_error(e, self.base) from e
 
     async def me(self) -> dict[str, Any]:
-        me = await self.get("me")
+        me = await self._ask(self.client.me)
         me.setdefault("leases", [])
         me.setdefault("queue", [])
         return me
 
     async def pool(self) -> dict[str, Any]:
-        return await self.get("pool")
+        return await self._ask(self.client.pool)
 
     async def leases(self, all_users: bool) -> dict[str, Any]:
-        return await self.get("leases", {"all": "true"} if all_users else None)
+        return {"leases": await self._ask(self.client.leases, all_users)}
 
     async def usage(self) -> dict[str, Any]:
-        return await self.get("usage")
+        return await self._ask(self.client.usage)
 
     async def sessions(self, user: str | None = None) -> list[dict[str, Any]]:
         """My data-plane sessions (idle ones may be swapped to host), best effort.
@@ -218,6 +192,17 @@ class BrokerBackend:
                     continue
                 out.extend(_tag_sessions(inv.get("sessions", []), agent, user))
         return out
+
+
+def _backend_error(e: BrokerError, base: str) -> BackendError:
+    """What the sidebar shows for a broker failure (``reason`` tells the kinds apart)."""
+    if e.reason == "unreachable":
+        return BackendError(503, f"GPU broker unreachable at {base}: {e.message}", e.reason)
+    if e.reason == "broker_error":
+        return BackendError(502, f"GPU broker error ({e.status}): {e.message}", e.reason)
+    if e.reason == "bad_answer":
+        return BackendError(502, f"GPU broker: {e.message}", e.reason)
+    return BackendError(e.status or 502, e.message, e.reason)
 
 
 def _tag_sessions(sessions: list[Any], agent: dict[str, Any], user: Any) -> list[dict[str, Any]]:
