@@ -69,7 +69,7 @@ def _agent(argv):
     p.add_argument(
         "--allow-namespace",
         action="append",
-        help="also allow ops of this torch.ops namespace (aten and prims always are)",
+        help="also allow ops of this torch.ops namespace (aten, prims and torchvision always are)",
     )
     p.add_argument(
         "--tls-cert",

@@ -26,10 +26,14 @@ def _none_if_empty(bias):
     return None if bias is None or bias.numel() == 0 else bias
 
 
-def _aligned(bias):
-    """The memory-efficient kernel wants a bias whose rows start 16-element aligned; pad and
-    slice back as PyTorch's own ``preprocess_mask`` does (same values, aligned strides)."""
-    if bias is None or bias.size(-1) % 16 == 0:
+def _aligned(bias, q, k):
+    """The memory-efficient kernel wants a bias of the full (B, H, L, S) shape whose rows
+    start 16-element aligned ("attn_bias: wrong shape (batch dimension)" otherwise): expand,
+    pad and slice back as PyTorch's own ``preprocess_mask`` does (same values)."""
+    if bias is None:
+        return bias
+    bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+    if bias.size(-1) % 16 == 0:
         return bias
     n = bias.size(-1)
     return torch.nn.functional.pad(bias, (0, 16 - n % 16))[..., :n]
@@ -63,7 +67,7 @@ def cuda_forward(
         )
         return out, lse, None, None, mq, mk, rng, unused, None
     out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
-        q, k, v, _aligned(_none_if_empty(attn_bias)), True, dropout_p, is_causal, scale=scale
+        q, k, v, _aligned(_none_if_empty(attn_bias), q, k), True, dropout_p, is_causal, scale=scale
     )
     return out, lse, None, None, q.size(2), k.size(2), seed, offset, None
 
@@ -113,7 +117,7 @@ def cuda_backward(
         q,
         k,
         v,
-        _aligned(bias),
+        _aligned(bias, q, k),
         out,
         lse,
         seed,

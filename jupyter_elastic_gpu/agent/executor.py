@@ -13,10 +13,14 @@ import time
 
 import torch
 
+from ..layouts import CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
 from ..protocol.messages import Free, ProtocolError, parse_record
 from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result
 
-DEFAULT_NAMESPACES = frozenset({"aten", "prims"})
+# torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
+# file and image decoders live in another ("image"), which stays closed.
+DEFAULT_NAMESPACES = frozenset({"aten", "prims", "torchvision"})
+_IMPORTED_BY_NAMESPACE = {"torchvision": "torchvision"}  # registers the ops on first use
 # Ops that reach outside the session's tensors (files, process state) are never run.
 DENIED_OPS = frozenset(
     {
@@ -89,6 +93,15 @@ class OpResolver:
         if f"{ns}::{base}" in DENIED_OPS or base.startswith("__") or overload.startswith("__"):
             raise PermissionError(f"op {name!r} is not allowed on this agent")
         packet = getattr(getattr(torch.ops, ns), base, None)
+        if packet is None and ns in _IMPORTED_BY_NAMESPACE:
+            try:
+                __import__(_IMPORTED_BY_NAMESPACE[ns])
+            except Exception as e:
+                raise NotImplementedError(
+                    f"{name!r} needs {_IMPORTED_BY_NAMESPACE[ns]} on the GPU agent, which "
+                    f"cannot import it ({type(e).__name__}: {e})"
+                ) from None
+            packet = getattr(getattr(torch.ops, ns), base, None)
         if not isinstance(packet, torch._ops.OpOverloadPacket):
             raise NotImplementedError(f"unknown op {name!r}")
         op = getattr(packet, overload, None)
@@ -148,6 +161,10 @@ class SessionExecutor:
             k = self.decode.kwargs(kwargs, bufs, base) if kwargs else {}
             if self.cap_bytes is not None and op._schema.name in _FACTORIES:
                 self._precheck(op, a, k)
+            if op in CONVOLUTIONS:
+                return conform(op(*a, **k), a[0], a[1])
+            if op in LAYOUT_CHECKED:
+                a[0] = dense_input(a[0])
             return op(*a, **k)
         except torch.OutOfMemoryError as e:
             if "slice" not in str(e):  # the CUDA allocator's own message: say which slice

@@ -498,7 +498,7 @@ def main(argv=None):
     p.add_argument("--agent-id", required=True)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
     p.add_argument("--cpu-memory-gib", type=float, default=16.0)
-    p.add_argument("--namespaces", default="aten,prims")
+    p.add_argument("--namespaces", default="aten,prims,torchvision")
     p.add_argument("--tls", default=None, help="CERT,KEY,CLIENT_CA: sessions' connections use TLS")
     opts = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
+from ..layouts import CONVOLUTIONS, conform
 from ..protocol.values import argument_encoder
 
 BACKEND = "egpu"
@@ -341,6 +342,8 @@ def _infer(func, args, kwargs, inputs):
     mkwargs = {k: _to_meta(v, meta_inputs) for k, v in kwargs.items()}
     try:
         res = func(*margs, **mkwargs)
+        if func in CONVOLUTIONS:
+            res = conform(res, margs[0], margs[1])
     except Exception:
         # No meta kernel, a data-dependent shape, or a user error: the agent runs it now and
         # either returns the real outputs or raises the real (CUDA's own) error.

@@ -533,6 +533,13 @@ def set_rng_state_all(new_states) -> None:
 class Stream:
     """A CUDA stream of the remote GPU: every stream is the session's one in-order queue."""
 
+    # Class-level as on torch's stream type (its members are descriptors there): code and
+    # tests that look them up on the class find them.
+    device_index: int = 0
+    device_type: int = 1  # c10::DeviceType::CUDA
+    stream_id: int = 0
+    priority: int = 0
+
     def __init__(self, device=None, priority=0, **kwargs):
         self.device_index = _index(device)
         self.priority = priority

@@ -147,6 +147,7 @@ def test_on_a_cpu_only_machine_the_file_is_a_cuda_checkpoint(trained, tmp_path):
         print("SUM", float(sum(t.double().sum() for t in sd.values())))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_GPU")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # also on a GPU machine
     p = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, env=env
     )

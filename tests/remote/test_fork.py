@@ -80,7 +80,8 @@ def test_workers_match_the_main_process(remote):
 
 def _spawned_child(batch, conn):
     # A spawned child is a plain CPU process: no facade, no session of the parent.
-    conn.send((batch.device.type, batch.sum().item(), torch.cuda.is_available() is False))
+    # (On a GPU machine it may see that machine's own GPU: what matters is whose torch.cuda.)
+    conn.send((batch.device.type, batch.sum().item(), torch.cuda.is_available.__module__))
 
 
 def test_remote_tensors_reach_a_spawned_child_as_cpu_copies(remote):
@@ -91,7 +92,7 @@ def test_remote_tensors_reach_a_spawned_child_as_cpu_copies(remote):
     p.start()
     try:
         assert parent_end.poll(120), "the spawned child did not answer"
-        assert parent_end.recv() == ("cpu", 15.0, True)
+        assert parent_end.recv() == ("cpu", 15.0, "torch.cuda")
     finally:
         p.join(30)
     assert p.exitcode == 0

@@ -16,7 +16,7 @@ config = GPT2Config(
     eos_token_id=tokenizer.eos_token_id,
     pad_token_id=tokenizer.pad_token_id,
 )
-model = GPT2LMHeadModel(config)
+model = GPT2LMHeadModel(config).eval()  # as from_pretrained returns it: no dropout
 generator = pipeline(
     "text-generation", model=model, tokenizer=tokenizer, device=0 if DEVICE == "cuda" else -1
 )
