@@ -25,10 +25,11 @@ from traitlets.config import Application
 
 from .. import __version__, lease_token
 from ..lifecycle import exit_with_parent, exit_with_parent_requested
+from ..protocol.fraction import GPUFraction
 from . import db as dbmod
 from .handlers import handlers
 from .metrics import BrokerMetrics
-from .scheduler import EPS, Policy, Scheduler
+from .scheduler import Policy, Scheduler
 
 # Traits an admin may change with SIGHUP; the rest (addresses, database) need a restart.
 RELOADABLE = (
@@ -188,11 +189,10 @@ class ElasticGPUBroker(Application):
         if not self.fractions:
             raise ConfigError("ElasticGPUBroker.fractions must offer at least one fraction")
         for f in self.fractions:
-            if not (math.isfinite(f) and f > 0 and (f <= 1 + EPS or abs(f - round(f)) < EPS)):
-                raise ConfigError(
-                    f"ElasticGPUBroker.fractions: {f} fits no GPU; use a share of one GPU "
-                    "(0 < f <= 1) or a whole number of GPUs (2, 4, ...)"
-                )
+            try:
+                GPUFraction(f, "ElasticGPUBroker.fractions:")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if len(set(self.fractions)) != len(self.fractions):
             raise ConfigError("ElasticGPUBroker.fractions lists a fraction twice")
         if self.max_lease is not None and not (

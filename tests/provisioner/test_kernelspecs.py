@@ -78,7 +78,7 @@ def test_bad_fractions_are_refused(clean_env, capsys):
     with pytest.raises(SystemExit) as e:
         kernelspecs(["install", "--prefix", str(clean_env), "--fractions", "0.5,1.5"])
     assert e.value.code == 2
-    assert "1.5 is not a GPU slice" in capsys.readouterr().err
+    assert "1.5 fits no GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         kernelspecs(["remove", "python3-gpu-9", "--prefix", str(clean_env)])
 
