@@ -44,7 +44,7 @@ from pathlib import Path
 
 import requests
 
-from jupyter_elastic_gpu.agent.client import query_inventory
+from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.agent.local import free_port, wait_for_port
 from jupyter_elastic_gpu.broker.client import BrokerClient
 
