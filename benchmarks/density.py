@@ -44,9 +44,9 @@ from pathlib import Path
 
 import requests
 
-from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.agent.local import free_port, wait_for_port
 from jupyter_elastic_gpu.broker.client import BrokerClient
+from jupyter_elastic_gpu.protocol.client import query_inventory
 
 HERE = Path(__file__).resolve().parent
 USER = HERE / "density_user.py"
@@ -470,7 +470,7 @@ def headline(rows) -> dict:
     return out
 
 
-def plot(rows, path) -> None:
+def plot(rows, path, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,6 +506,8 @@ def plot(rows, path) -> None:
     ax2.set_ylabel("p95 slowdown of a cell's GPU work")
     ax1.legend()
     ax2.legend()
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -593,7 +595,8 @@ def main(argv=None):
     if opts.out:
         Path(opts.out).write_text(json.dumps(result, indent=1) + "\n")
     if opts.plot:
-        plot(rows, opts.plot)
+        title = f"{opts.device} agent, {opts.gpus} GPU(s), trace x{opts.scale:g}, {opts.fraction:g} slices"
+        plot(rows, opts.plot, title)
     return result
 
 

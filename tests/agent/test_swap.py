@@ -67,3 +67,29 @@ def test_policy_never_keeps_idle_sessions_resident(make_agent):
     assert session_info(agent.address, a.session_id)["swapped"] is False
     a.close()
     b.close()
+
+
+def test_a_worker_whose_session_is_ending_is_neither_picked_nor_waited_for():
+    # The race the density benchmark found: a victim whose kernel just closed its session
+    # still has a live process while it exits; its last "nothing to wait for" wake-up may fire
+    # before swap_out() clears the event, and the attach that wanted room waited 60 s.
+    import threading
+
+    from jupyter_elastic_gpu.agent.server import SessionWorker
+
+    class Exiting:
+        pid = 1
+
+        def poll(self):
+            return None  # still exiting
+
+    w = SessionWorker.__new__(SessionWorker)  # no process: only the agent-side bookkeeping
+    w.proc, w.stopping, w.ended, w.swap_done = Exiting(), False, threading.Event(), threading.Event()
+    w.gone, w.swapped, w.session = False, False, "s"
+    sent = []
+    w.send = sent.append
+    assert w.alive
+    w.gone = True  # what the event thread sets when the control socket closes
+    w.swap_done.set()  # ...and then its final wake-up, before anyone asked
+    assert not w.alive  # never picked as a victim again
+    assert w.swap_out(timeout=30) is False and sent == []  # no request, no wait

@@ -92,7 +92,8 @@ def test_users_replay_sessions_through_broker_and_agent_and_leave_nothing(tmp_pa
         assert row["user_exit_codes"] == [0] * key[1], key
         assert row["cells_gpu"] > 0 and row["cells_failed"] == 0, row
         assert row["wait_ms"]["p95"] is not None and row["wait_ms"]["p95"] >= 0
-        assert row["trace_wait_s"]["p95"] >= row["wait_ms"]["p95"] / 1000 - 1e-6
+        # trace seconds stretch the queued part only (both rounded: to 1 ms and 0.1 ms)
+        assert row["trace_wait_s"]["p95"] >= row["wait_ms"]["p95"] / 1000 - 1e-3
         assert row["gpu_busy"] and all(0 < b <= 1 for b in row["gpu_busy"].values())
         assert {"count", "bytes", "seconds"} <= set(row["swaps"]["out"])
         assert row["leases_leaked"] == 0
