@@ -140,6 +140,7 @@ class SessionExecutor:
         self._refs: dict[int, list] = {}
         self.in_use = 0
         self.peak = 0
+        self.graphs = None  # this session's compiled graphs (agent/graphs.py), if enabled
 
     # -- decoding --------------------------------------------------------------------
     def tensor(self, rid) -> torch.Tensor:
@@ -257,6 +258,9 @@ class SessionExecutor:
             if isinstance(rec, list) and len(rec) == 2 and rec[0] == "-":
                 self.free(rec[1])  # tensors the client dropped, in stream order
                 continue
+            if isinstance(rec, list) and len(rec) == 4 and rec[0] == "g":
+                self._run_graph(rec)  # a compiled graph (agent/graphs.py), in stream order
+                continue
             if not isinstance(rec, list) or len(rec) != 5:
                 raise ProtocolError(
                     "each op must be [name, args, kwargs, out_ids, buffer_base] or ['-', ids]"
@@ -275,6 +279,20 @@ class SessionExecutor:
                 if self.error is None:
                     self.error = error_payload(e, deferred=True)
         self.free(free)
+
+    def _run_graph(self, rec) -> None:
+        _, handle, in_ids, out_ids = rec
+        if self.cancelled:
+            self._fail(out_ids)
+            return
+        try:
+            if self.graphs is None:
+                raise ProtocolError("this agent runs no compiled graphs")
+            self.graphs.run(handle, in_ids, out_ids)
+        except Exception as e:
+            self._fail(out_ids)
+            if self.error is None:
+                self.error = error_payload(OpError("compiled graph", e), deferred=True)
 
     def _bound_run_ahead(self) -> None:
         """Keep the GPU fed but never more than ``RUN_AHEAD_SECONDS`` behind the ops issued.

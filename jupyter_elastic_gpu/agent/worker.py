@@ -25,6 +25,7 @@ import torch
 
 from ..remote.tls import GO_AHEAD, server_context
 from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal, tensor_from_buffer
+from . import graphs
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
 
@@ -42,6 +43,7 @@ class Worker:
         from . import attention
 
         attention.register(self.device_kind)
+        graphs.configure(opts.agent_id, self.device_kind)
         self.session = None
         self.devices: list[torch.device] = []
         self.executor: SessionExecutor | None = None
@@ -76,6 +78,7 @@ class Worker:
         else:
             self.devices = [torch.device("cpu")] * max(1, len(gpus))
         self.executor = SessionExecutor(self.devices, OpResolver(self.opts.namespaces.split(",")))
+        self.executor.graphs = graphs.SessionGraphs(self.executor)
 
     # -- device description ---------------------------------------------------------------
     def device_info(self) -> dict:
@@ -367,7 +370,15 @@ class Worker:
             if self.device_kind == "cuda":
                 torch.cuda.empty_cache()
             return self.reply(self.status())
+        if op == "compile_graph":
+            return self.compile_graph(h)
         raise ProtocolError(f"unknown request {op!r}")
+
+    def compile_graph(self, h):
+        """A graph to compile (agent/graphs.py): its handle, or why it was refused."""
+        self.sync()
+        info = self.executor.graphs.compile(h.get("graph"), h.get("mode"), self.device_kind)
+        return self.reply(self.status(graph=info))
 
     def status(self, **kw):
         err = self.executor.take_error()
