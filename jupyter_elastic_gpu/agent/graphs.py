@@ -9,8 +9,8 @@ between sessions and users: the cache key is the graph's content, and the artefa
 agent's own.
 
 Caches: an LRU of compiled graphs in this process, and inductor's on-disk caches in one
-directory per agent (``TORCHINDUCTOR_CACHE_DIR``, size-bounded), which other sessions'
-workers of the same agent reuse.
+directory per host, device kind and torch build (``TORCHINDUCTOR_CACHE_DIR``, size-bounded
+by ``ELASTIC_GPU_COMPILE_CACHE_GIB``), which the other sessions' workers reuse.
 """
 
 from __future__ import annotations
@@ -46,14 +46,18 @@ class GraphRefused(ValueError):
     """The graph breaks a rule of the agent; the message says which."""
 
 
-def configure(agent_id: str, device_kind: str) -> None:
-    """Point inductor at this agent's cache directory (before inductor is imported)."""
+def configure(device_kind: str) -> None:
+    """Point inductor at this host's compile cache (before inductor is imported).
+
+    One directory per device kind and torch build, shared by the agent's workers (and by a
+    restarted agent): inductor keys its entries by graph, device and versions itself."""
     base = os.environ.get("ELASTIC_GPU_COMPILE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
         "jupyter-elastic-gpu",
         "inductor",
     )
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, _safe(agent_id)))
+    name = _safe(f"{device_kind}-torch{torch.__version__}")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, name))
     if device_kind == "cpu":  # workers share the node's cores with other sessions
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 

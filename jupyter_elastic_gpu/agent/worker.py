@@ -43,7 +43,7 @@ class Worker:
         from . import attention
 
         attention.register(self.device_kind)
-        graphs.configure(opts.agent_id, self.device_kind)
+        graphs.configure(self.device_kind)
         self.session = None
         self.devices: list[torch.device] = []
         self.executor: SessionExecutor | None = None

@@ -104,6 +104,7 @@ class RemoteCompiled:
         self.fn, self.mode, self.module = fn, mode, module
         self.entries: dict = {}
         self.stats = {"captures": 0, "compiled_calls": 0, "eager_calls": 0}
+        self.compiles: list[dict] = []  # the agent's answer per graph: handle, seconds, cache
         self._warned = False
 
     def __call__(self, *args, **kwargs):
@@ -242,7 +243,7 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
         )
 
     metas = [_meta(t) for _, t in params] + [_meta(leaves[i]) for i in positions]
-    graphs = _Graphs(sess, owner.mode)
+    graphs = _Graphs(sess, owner.mode, owner.compiles)
     # Dynamo's tracing rules and handlers are keyed by torch.cuda's own functions, which the
     # facade replaces: capture with torch's own names in place (metas need none of them).
     cuda_facade.uninstall()
@@ -289,8 +290,8 @@ def _first_line(e) -> str:
 class _Graphs:
     """AOTAutograd's fw/bw compiler: ship the graph to the agent, return its remote runner."""
 
-    def __init__(self, sess, mode):
-        self.sess, self.mode = sess, mode
+    def __init__(self, sess, mode, log):
+        self.sess, self.mode, self.log = sess, mode, log
 
     def compiler(self, gm, example_inputs):
         data, outs = graph_to_data(gm)
@@ -299,6 +300,7 @@ class _Graphs:
         except Exception as e:
             raise CompileFallback(f"the GPU agent did not compile the graph: {e}") from e
         info = reply["graph"]
+        self.log.append(info)
         report(info)
         run = _RemoteGraph(info["handle"], gm, outs)
         run._boxed_call = True
