@@ -272,13 +272,6 @@ def _inductor(gm, mode, dev, device_kind):
     the graph's own input metadata) is where inductor compiles, and checks the graph runs."""
     before = _disk_hits()
     _prune_cache_dir()
-    compiled = torch.compile(
-        gm,
-        backend="inductor",
-        mode=None if mode == "default" else mode,
-        dynamic=False,
-        fullgraph=True,
-    )
     examples = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -289,7 +282,22 @@ def _inductor(gm, mode, dev, device_kind):
                 else torch.empty_strided(shape, stride, dtype=dtype, device=dev)
             )
     try:
+        # Inductor straight on the agent's own graph: a second Dynamo pass over it would trace
+        # into Python kernels (the agent's attention) and gains nothing on a functional graph.
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = {} if mode in (None, "default") else list_mode_options(mode)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        # A shape environment, as Dynamo would give: without one inductor's FX graph cache
+        # (what makes another session's compile of the same graph fast) stands aside.
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = [fake_mode.from_tensor(e, static_shapes=True) for e in examples]
         with torch.no_grad():
+            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+                compiled = compile_fx(gm, fakes, config_patches=patches)
             compiled(*examples)
     except GraphRefused:
         raise

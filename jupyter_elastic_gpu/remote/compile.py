@@ -1,7 +1,7 @@
 """``torch.compile`` in a remote-GPU process: graphs captured here, compiled and run on the agent.
 
-Dynamo cannot trace over the backend's wrapper tensors, so a call is captured over *meta*
-stand-ins of the same metadata (parameters, buffers and inputs, through
+Dynamo cannot trace over the backend's wrapper tensors, so a call is captured over *fake*
+stand-ins of the same metadata on the same (egpu) device (parameters, buffers and inputs, through
 ``torch.func.functional_call``): Dynamo (``torch._dynamo.export``, so a graph break is an error
 rather than a silent split) gives the graph, AOTAutograd lowers it to functional aten forward
 and backward graphs, and each graph travels to the agent as data (``graph_to_data``: op names,
@@ -16,6 +16,7 @@ be compiled this way runs eagerly, as before, after one warning naming the reaso
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import sys
@@ -24,6 +25,7 @@ import warnings
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import backend
 from .backend import BACKEND, RemoteTensor
@@ -43,7 +45,7 @@ class CompileFallback(Exception):
 
 
 def _as_plain_tangent(self, expected_meta, expected_type=None):
-    # AOTAutograd traced the backward with plain (meta) tangents; at run time the gradients
+    # AOTAutograd traced the backward with plain (fake) tangents; at run time the gradients
     # are remote wrappers of the same metadata, which the remote graph takes as they are.
     return self
 
@@ -134,12 +136,19 @@ class RemoteCompiled:
         return pytree.tree_unflatten(list(out), entry.out_spec)
 
     def _state(self):
+        """The module's parameters and buffers, each once, with every name it has (tied
+        weights, such as a language model's head and embedding, are one tensor)."""
         if self.module is None:
             return []
-        state = [*self.module.named_parameters(), *self.module.named_buffers()]
-        if not all(type(t) is RemoteTensor or isinstance(t, RemoteTensor) for _, t in state):
-            raise CompileFallback("the model's parameters are not all on the remote GPU")
-        return state
+        by_id: dict = {}
+        for name, t in (
+            *self.module.named_parameters(remove_duplicate=False),
+            *self.module.named_buffers(remove_duplicate=False),
+        ):
+            if not isinstance(t, RemoteTensor):
+                raise CompileFallback("the model's parameters are not all on the remote GPU")
+            by_id.setdefault(id(t), ([], t))[0].append(name)
+        return [(tuple(names), t) for names, t in by_id.values()]
 
     def _eager(self, reason, args, kwargs):
         self._warn(reason)
@@ -174,7 +183,7 @@ class RemoteCompiledModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Capture: Dynamo and AOTAutograd over meta stand-ins
+# Capture: Dynamo and AOTAutograd over fake stand-ins
 
 
 def _tensor_key(t):
@@ -212,9 +221,14 @@ def _autocast_takes_device() -> bool:
         return False
 
 
-def _meta(t):
+def _fake(t, mode):
+    """A fake tensor of ``t``'s metadata on the backend's own device. Not a plain meta tensor:
+    ops with Python meta kernels (``nll_loss``) lose their autograd formula on the meta device
+    under AOTAutograd, and the loss would silently get no gradient."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     m = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-    return m.requires_grad_(t.requires_grad)
+    return FakeTensor(mode, m, torch.device(BACKEND, t._idx)).requires_grad_(t.requires_grad)
 
 
 class _Entry:
@@ -226,7 +240,11 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
     from . import cuda_facade
 
     sess = backend.current_session()
-    names = [n for n, _ in params]
+    names = [n for n, _ in params]  # tuples: the names of one tensor
+
+    def by_name(values):
+        return {n: v for ns, v in zip(names, values, strict=False) for n in ns}
+
     positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     fn, module = owner.fn, owner.module
 
@@ -238,18 +256,26 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
         args, kwargs = pytree.tree_unflatten(vals, spec)
         if module is None:
             return fn(*args, **kwargs)
-        return torch.func.functional_call(
-            module, dict(zip(names, state, strict=True)), args, kwargs
-        )
+        return torch.func.functional_call(module, by_name(state), args, kwargs)
 
-    metas = [_meta(t) for _, t in params] + [_meta(leaves[i]) for i in positions]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode()
+    metas = [_fake(t, fake_mode) for _, t in params] + [
+        _fake(leaves[i], fake_mode) for i in positions
+    ]
     graphs = _Graphs(sess, owner.mode, owner.compiles)
     # Dynamo's tracing rules and handlers are keyed by torch.cuda's own functions, which the
     # facade replaces: capture with torch's own names in place (metas need none of them).
     cuda_facade.uninstall()
+    attention = _math_attention()
     try:
+        _forget_dynamo_lookups()
         try:
-            exported = torch._dynamo.export(f, aten_graph=False)(metas)
+            # Dynamo looks at the module's own parameters too (to mark them static), and a
+            # remote tensor is nothing it can trace: it sees the meta stand-ins there as well.
+            with _reparametrized(module, by_name(metas)):
+                exported = torch._dynamo.export(f, aten_graph=False)(metas)
         except Exception as e:
             raise CompileFallback(f"Dynamo could not capture one graph: {_first_line(e)}") from e
         gm = exported.graph_module
@@ -262,18 +288,72 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
             compiled = aot_module_simplified(
                 gm, metas, fw_compiler=graphs.compiler, bw_compiler=graphs.compiler
             )
-            _trigger_backward(compiled, metas)
+            with fake_mode:
+                _trigger_backward(compiled, metas)
         except CompileFallback:
             raise
         except Exception as e:
             raise CompileFallback(f"AOTAutograd could not lower the graph: {_first_line(e)}") from e
     finally:
-        cuda_facade.install(sess)
+        attention.close()
+        cuda_facade.install(sess)  # registers remote/sdpa.py's kernels again
     return _Entry(compiled, out_spec)
 
 
+class _math_attention:
+    """While capturing, attention is PyTorch's math formulation (matmuls and a softmax that
+    inductor lowers and fuses for the agent's device itself) rather than remote/sdpa.py's
+    fused op: that op's kernels are the agent's own Python code, whose output layouts
+    inductor would have to trust."""
+
+    def __init__(self):
+        from . import sdpa
+
+        lib, sdpa._lib = sdpa._lib, None
+        if lib is not None:
+            lib._destroy()
+        self.lib = torch.library.Library("aten", "IMPL")
+        self.lib.impl("scaled_dot_product_attention", _math_sdpa, "AutogradPrivateUse1")
+
+    def close(self):
+        self.lib._destroy()
+
+
+def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    out, _ = torch.ops.aten._scaled_dot_product_attention_math(
+        q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale, **kw
+    )
+    return out
+
+
+def _forget_dynamo_lookups() -> None:
+    """Dynamo's tables of torch functions are keyed by the function objects and built once,
+    possibly while the facade's replacements stood in torch (a library's import can do that):
+    rebuild them from torch's own functions."""
+    from torch._dynamo import trace_rules
+    from torch._dynamo.variables import torch as torch_variables
+
+    for fn in (
+        getattr(trace_rules, "get_torch_obj_rule_map", None),
+        getattr(trace_rules, "get_tensor_method", None),
+        getattr(torch_variables, "tracing_state_functions", None),
+        getattr(torch_variables, "get_overridable_functions", None),
+        getattr(torch_variables.TorchInGraphFunctionVariable, "_get_handlers", None),
+    ):
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+
+
+def _reparametrized(module, state):
+    if module is None:
+        return contextlib.nullcontext()
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    return _reparametrize_module(module, state)
+
+
 def _trigger_backward(compiled, metas):
-    """AOTAutograd compiles the backward at its first use; use it now, on metas, so that a
+    """AOTAutograd compiles the backward at its first use; use it now, on fakes, so that a
     backward the agent cannot compile falls back before any real step has run."""
     if not torch.is_grad_enabled():
         return
@@ -326,8 +406,8 @@ class _RemoteGraph:
         self.handle, self.gm, self.outs = handle, gm, outs
 
     def __call__(self, args):
-        if args and all(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
-            return list(self.gm(*args))  # AOTAutograd tracing the backward at capture
+        if args and all(isinstance(a, FakeTensor) for a in args):
+            return list(self.gm(*args))  # the capture's trial backward (_trigger_backward)
         sess = backend.current_session()
         if not all(type(a) is RemoteTensor and a._sess is sess for a in args):
             raise RuntimeError(
@@ -466,7 +546,7 @@ def _value(v, index):
         return [_value(x, index) for x in v]
     if t is torch.dtype:
         return {"dt": DTYPE_NAMES[v]}
-    if t is torch.device:  # captured on meta stand-ins of the session's device
+    if t is torch.device:  # the session's GPUs are the backend's devices here
         return {"dev": "cpu", "i": 0} if v.type == "cpu" else {"dev": "cuda", "i": v.index or 0}
     if t is torch.memory_format:
         return {"mf": MEMORY_FORMAT_NAMES[v]}
