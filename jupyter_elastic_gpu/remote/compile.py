@@ -274,11 +274,14 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
         try:
             # Dynamo looks at the module's own parameters too (to mark them static), and a
             # remote tensor is nothing it can trace: it sees the meta stand-ins there as well.
-            with _reparametrized(module, by_name(metas)):
+            with _reparametrized(module, by_name(metas)), warnings.catch_warnings():
+                # Tracing without the facade, torch warns that "cuda" is absent: not news.
+                warnings.simplefilter("ignore")
                 exported = torch._dynamo.export(f, aten_graph=False)(metas)
         except Exception as e:
             raise CompileFallback(f"Dynamo could not capture one graph: {_first_line(e)}") from e
         gm = exported.graph_module
+        _refuse_autocast(gm)
         out_spec = gm.graph._codegen.pytree_info.out_spec
         gm.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs
         gm.recompile()
@@ -342,6 +345,15 @@ def _forget_dynamo_lookups() -> None:
     ):
         if hasattr(fn, "cache_clear"):
             fn.cache_clear()
+
+
+def _refuse_autocast(gm) -> None:
+    # The capture runs without the facade, so autocast("cuda") inside forward would not
+    # cast the stand-ins: the compiled graph would compute in other dtypes than eager does.
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", str(node.target))
+        if "autocast" in name:
+            raise CompileFallback("autocast inside the compiled region is not captured yet")
 
 
 def _reparametrized(module, state):
