@@ -7,6 +7,10 @@ briefly and releasing it, from a pool of ``--workers`` threads. Reports the API 
 throughput; fails if any lease is left behind.
 
     python benchmarks/broker_load.py --kernels 1000
+    python benchmarks/broker_load.py --kernels 1000 --db postgresql   # a throw-away server
+
+``--db postgresql`` starts PostgreSQL from Debian's binaries in a temp dir (the test suite's
+``tests/broker/postgres.py``, run from the repository root), unix socket only, fsync off.
 """
 
 from __future__ import annotations
@@ -45,8 +49,24 @@ def main(argv=None):
     ap.add_argument("--hold", type=float, default=0.01, help="mean seconds a lease is held")
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--gpus", type=int, default=4, help="GPUs per agent")
-    ap.add_argument("--db-url", default=None, help="default: SQLite in a temp dir")
+    ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    ap.add_argument("--db-url", default=None, help="an existing database (overrides --db)")
     args = ap.parse_args(argv)
+    if args.db == "postgresql" and not args.db_url:
+        from tests.broker.postgres import PostgresServer, binaries
+
+        if binaries() is None:
+            sys.exit("--db postgresql: no PostgreSQL installed (apt-get install postgresql)")
+        server = PostgresServer(binaries())
+        try:
+            args.db_url = server.new_database()
+            return run(args)
+        finally:
+            server.stop()
+    return run(args)
+
+
+def run(args):
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # still stop the broker
     tmp = Path(tempfile.mkdtemp(prefix="broker-load-"))
@@ -125,6 +145,7 @@ def main(argv=None):
         left = root.leases(all=True)
         slices = [s for a in root.pool()["agents"] for g in a["gpus"] for s in g["slices"]]
         result = {
+            "database": db_url.split(":", 1)[0],
             "kernels": args.kernels,
             "leases": len(grants),
             "workers": args.workers,

@@ -21,8 +21,8 @@ import sys
 import textwrap
 import time
 
-from jupyter_elastic_gpu.agent.client import query_inventory
 from jupyter_elastic_gpu.agent.local import LocalAgent
+from jupyter_elastic_gpu.protocol.client import query_inventory
 
 CLIENT = textwrap.dedent("""
     import sys, time, torch

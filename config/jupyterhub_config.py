@@ -46,9 +46,12 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from jupyterhub.auth import DummyAuthenticator
 from traitlets.config.loader import PyFileConfigLoader
+
+from jupyter_elastic_gpu.lifecycle import check_ports
 
 c = get_config()  # noqa: F821  (provided by traitlets when it loads this file)
 
@@ -65,10 +68,28 @@ BROKER_PORT = int(os.environ.get("ELASTIC_GPU_BROKER_PORT", "8090"))
 AGENT_PORT = int(os.environ.get("ELASTIC_GPU_AGENT_PORT", "7070"))
 AGENT_DEVICE = os.environ.get("ELASTIC_GPU_AGENT_DEVICE", "auto")
 
+# Before anything starts: a port still held (an old proxy or agent of a hub that was killed)
+# is one line saying which and what to do, not EADDRINUSE or a 403 from the old proxy later.
+# The proxy named in the pid file is fine: JupyterHub replaces it itself.
+_PROXY_PID_FILE = STATE / "jupyterhub-proxy.pid"
+_proxy_pid = _PROXY_PID_FILE.read_text().strip() if _PROXY_PID_FILE.exists() else ""
+_taken = check_ports(
+    {
+        f"public URL {BIND_URL}": (urlparse(BIND_URL).hostname, urlparse(BIND_URL).port or 80),
+        "ELASTIC_GPU_HUB_PORT": ("127.0.0.1", HUB_PORT),
+        "ELASTIC_GPU_PROXY_API_PORT": ("127.0.0.1", PROXY_API_PORT),
+        "ELASTIC_GPU_BROKER_PORT": ("127.0.0.1", BROKER_PORT),
+        "ELASTIC_GPU_AGENT_PORT": ("127.0.0.1", AGENT_PORT),
+    },
+    replaceable={int(_proxy_pid)} if _proxy_pid.isdigit() else set(),
+)
+if _taken:
+    sys.exit(f"jupyterhub: {_taken}")
+
 BROKER_CONFIG = HERE / "elastic_gpu_config.py"
 BROKER_URL = f"http://127.0.0.1:{BROKER_PORT}"
-# The single-user servers, their kernels and the agent reach the broker directly (loopback);
-# browsers and `jupyter-elastic-gpu run --broker` go through the proxy: BIND_URL + same path.
+# The agent reaches the broker directly (loopback); kernels, the sidebar, browsers and
+# `jupyter-elastic-gpu run --broker` go through the proxy: BIND_URL + the same path.
 BROKER_API = f"{BROKER_URL}/services/elastic-gpu/api/"
 
 
@@ -103,10 +124,14 @@ KERNEL_TLS_ENV = {"ELASTIC_GPU_TLS_DIR": str(TLS_DIR)} if DATA_TLS else {}
 
 # -- the Hub -----------------------------------------------------------------------------------
 c.JupyterHub.bind_url = BIND_URL
+# The address users reach the proxy by. JupyterHub passes it to single-user servers, whose
+# kernels then find the broker through the proxy at <public URL>/services/elastic-gpu/api/
+# without being told (provisioner/endpoints.py); behind a domain, set it to that URL.
+c.JupyterHub.public_url = BIND_URL.rstrip("/") + "/"
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = HUB_PORT
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{PROXY_API_PORT}"
-c.ConfigurableHTTPProxy.pid_file = str(STATE / "jupyterhub-proxy.pid")
+c.ConfigurableHTTPProxy.pid_file = str(_PROXY_PID_FILE)
 c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
 
@@ -136,7 +161,13 @@ c.Authenticator.admin_users = {"admin"}
 c.JupyterHub.load_groups = {"research": {"users": ["bob"]}}
 
 # -- the broker and the agent: managed Hub services --------------------------------------------
-_agent_env = {"HOME": str(STATE), "ELASTIC_GPU_AGENT_TOKEN": AGENT_TOKEN}
+# ELASTIC_GPU_EXIT_WITH_PARENT: broker and agent stop when the Hub dies (even by kill -9),
+# so that they never hold their ports against the next start.
+_agent_env = {
+    "HOME": str(STATE),
+    "ELASTIC_GPU_AGENT_TOKEN": AGENT_TOKEN,
+    "ELASTIC_GPU_EXIT_WITH_PARENT": "1",
+}
 for _name in ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES", "CUDA_HOME"):
     if _name in os.environ:
         _agent_env[_name] = os.environ[_name]
@@ -149,6 +180,7 @@ c.JupyterHub.services = [
         "cwd": str(STATE),
         "environment": {
             "ELASTIC_GPU_STATE_DIR": str(STATE),
+            "ELASTIC_GPU_EXIT_WITH_PARENT": "1",
             "ELASTIC_GPU_LEASE_SECRET": LEASE_SECRET,
             "ELASTIC_GPU_AGENT_TOKEN": AGENT_TOKEN,
         },
@@ -228,7 +260,6 @@ _ks.log_level = "ERROR"
 _ks.install(FRACTIONS, prefix=str(KERNEL_PREFIX))
 
 c.Spawner.environment = {
-    "ELASTIC_GPU_BROKER_URL": BROKER_API,
     # the GPU kernelspecs above
     "JUPYTER_PATH": str(KERNEL_PREFIX / "share" / "jupyter"),
     # config/singleuser/jupyter_server_config.py: sidebar server extension + kernel picker

@@ -7,6 +7,7 @@ CUDA hidden, as a kernel on a CPU node would); tests marked ``gpu`` skip otherwi
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -88,3 +89,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    lifecycle = sys.modules.get("tests.test_lifecycle")
+    if lifecycle is not None and lifecycle.STOP_TIMES:
+        terminalreporter.section("lifecycle: measured stop times")
+        for what, seconds in lifecycle.STOP_TIMES.items():
+            terminalreporter.write_line(f"{what}: {seconds:.2f} s")

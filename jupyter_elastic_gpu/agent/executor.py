@@ -14,14 +14,8 @@ import time
 import torch
 
 from ..layouts import CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
-from ..remote.wire import (
-    DTYPE_NAMES,
-    DTYPES,
-    LAYOUTS,
-    MEMORY_FORMATS,
-    ProtocolError,
-    tensor_from_buffer,
-)
+from ..protocol.messages import Free, ProtocolError, RunGraph, parse_record
+from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result
 
 # torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
 # file and image decoders live in another ("image"), which stays closed.
@@ -140,6 +134,7 @@ class SessionExecutor:
         self._refs: dict[int, list] = {}
         self.in_use = 0
         self.peak = 0
+        self.decode = ArgumentDecoder(self.tensors, self.tensor, devices)
         self.graphs = None  # this session's compiled graphs (agent/graphs.py), if enabled
 
     # -- decoding --------------------------------------------------------------------
@@ -157,67 +152,14 @@ class SessionExecutor:
             )
         return t
 
-    def decode_args(self, args, bufs, base=0) -> list:
-        """``decode`` of an op's argument list, with its two common cases (a scalar, a tensor
-        id) inline: most ops are a few of those, and this is paid once per op."""
-        out = []
-        tensors = self.tensors
-        for v in args:
-            t = type(v)
-            if t is dict and len(v) == 1 and "t" in v:
-                x = tensors.get(v["t"]) if type(v["t"]) is int else None
-                out.append(x if x is not None else self.tensor(v["t"]))
-            elif t is int or t is float or t is bool or v is None:
-                out.append(v)
-            else:
-                out.append(self.decode(v, bufs, base))
-        return out
-
-    def decode(self, v, bufs, base=0):
-        t = type(v)
-        if t in (int, float, bool, str) or v is None:
-            return v
-        if t is list:
-            return [self.decode(x, bufs, base) for x in v]
-        if t is not dict:
-            raise ProtocolError(f"unexpected value of type {t.__name__} in op arguments")
-        if "t" in v:
-            return self.tensor(v["t"])
-        if "dt" in v:
-            d = DTYPES.get(v["dt"])
-            if d is None:
-                raise ProtocolError(f"unknown dtype {v['dt']!r}")
-            return d
-        if "dev" in v:
-            if v["dev"] == "cpu":
-                return torch.device("cpu")
-            i = v.get("i", 0)
-            if type(i) is not int or not 0 <= i < len(self.devices):
-                raise ProtocolError(
-                    f"device index {i!r} is outside this session's {len(self.devices)} GPU(s)"
-                )
-            return self.devices[i]
-        if "cpu" in v:
-            k = v["cpu"]
-            if type(k) is not int or type(base) is not int or not 0 <= base + k < len(bufs):
-                raise ProtocolError(f"buffer index {k!r} out of range")
-            return tensor_from_buffer(v, bufs[base + k])
-        if "mf" in v and v["mf"] in MEMORY_FORMATS:
-            return MEMORY_FORMATS[v["mf"]]
-        if "ly" in v and v["ly"] in LAYOUTS:
-            return LAYOUTS[v["ly"]]
-        if "c" in v and isinstance(v["c"], list) and len(v["c"]) == 2:
-            return complex(*v["c"])
-        raise ProtocolError(f"unknown tagged value {str(v)[:100]}")
-
     # -- execution -------------------------------------------------------------------
     def run(self, name, args, kwargs, bufs, base=0):
         try:
             op = self.resolve(name)
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise ProtocolError("op arguments must be a list and an object")
-            a = self.decode_args(args, bufs, base)
-            k = {str(key): self.decode(val, bufs, base) for key, val in kwargs.items()} if kwargs else {}
+            a = self.decode.args(args, bufs, base)
+            k = self.decode.kwargs(kwargs, bufs, base) if kwargs else {}
             if self.cap_bytes is not None and op._schema.name in _FACTORIES:
                 self._precheck(op, a, k)
             if op in CONVOLUTIONS:
@@ -251,20 +193,15 @@ class SessionExecutor:
 
         ``interrupted()`` is polled every few ops: once it says so, the rest is skipped (their
         outputs are never produced) so that an interrupt stops queued work promptly."""
-        if not isinstance(ops, list):
-            raise ProtocolError("batch ops must be a list")
         self.cancelled = False
-        for i, rec in enumerate(ops):
-            if isinstance(rec, list) and len(rec) == 2 and rec[0] == "-":
-                self.free(rec[1])  # tensors the client dropped, in stream order
+        for i, raw in enumerate(ops):
+            rec = parse_record(raw)
+            if type(rec) is Free:
+                self.free(rec.ids)
                 continue
-            if isinstance(rec, list) and len(rec) == 4 and rec[0] == "g":
+            if type(rec) is RunGraph:
                 self._run_graph(rec)  # a compiled graph (agent/graphs.py), in stream order
                 continue
-            if not isinstance(rec, list) or len(rec) != 5:
-                raise ProtocolError(
-                    "each op must be [name, args, kwargs, out_ids, buffer_base] or ['-', ids]"
-                )
             name, args, kwargs, outs, base = rec
             if self.cancelled or (i % 8 == 0 and interrupted()):
                 self.cancelled = True
@@ -281,7 +218,7 @@ class SessionExecutor:
         self.free(free)
 
     def _run_graph(self, rec) -> None:
-        _, handle, in_ids, out_ids = rec
+        handle, in_ids, out_ids = rec
         if self.cancelled:
             self._fail(out_ids)
             return
@@ -392,33 +329,16 @@ class SessionExecutor:
     def call(self, name, args, kwargs, bufs):
         """Run one op now and describe its result (shapes for data-dependent outputs, values)."""
         inputs = {id(t): rid for rid, t in self.tensors.items()}
-        return self._describe(self.run(name, args, kwargs, bufs), inputs)
+        return encode_result(
+            self.run(name, args, kwargs, bufs), lambda t: inputs.get(id(t)), self._keep_result
+        )
 
-    def _describe(self, v, inputs):
-        if isinstance(v, torch.Tensor):
-            if id(v) in inputs and self.tensors.get(inputs[id(v)]) is v:
-                return {"in": inputs[id(v)]}
-            self._next_agent_id -= 1
-            self.tensors[self._next_agent_id] = v
-            self._account(self._next_agent_id, v)
-            return {
-                "r": self._next_agent_id,
-                "size": list(v.shape),
-                "stride": list(v.stride()),
-                "offset": v.storage_offset(),
-                "dtype": DTYPE_NAMES[v.dtype],
-                "nbytes": v.untyped_storage().nbytes(),
-                "dev": self.devices.index(v.device) if v.device in self.devices else 0,
-            }
-        if isinstance(v, tuple):
-            return {"tuple": [self._describe(x, inputs) for x in v]}
-        if isinstance(v, list):
-            return [self._describe(x, inputs) for x in v]
-        if isinstance(v, (int, float, bool, str)) or v is None:
-            return v
-        if isinstance(v, torch.dtype):
-            return {"dt": DTYPE_NAMES[v]}
-        raise TypeError(f"cannot return a {type(v).__name__} to the client")
+    def _keep_result(self, t) -> tuple[int, int]:
+        # Below zero: the client numbers its tensors from 1 up, unaware of these.
+        self._next_agent_id -= 1
+        self.tensors[self._next_agent_id] = t
+        self._account(self._next_agent_id, t)
+        return self._next_agent_id, self.devices.index(t.device) if t.device in self.devices else 0
 
     def fetch(self, rid):
         t = self.tensor(rid).detach().resolve_conj().resolve_neg()

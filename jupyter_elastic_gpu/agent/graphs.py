@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..remote.wire import DTYPES, LAYOUTS, MEMORY_FORMATS, ProtocolError
+from ..protocol.messages import ProtocolError
+from ..protocol.values import DTYPES, LAYOUTS, MEMORY_FORMATS
 
 MAX_NODES = 20_000
 MAX_INPUTS = 4_096

@@ -43,15 +43,26 @@ class BrokerRegistration:
                 if e.status == 404:  # the broker forgot us (expired): register again
                     registered = False
                     continue
-                log.warning("broker unreachable (%s); retrying in %.0fs", e, self.interval)
+                if self._stop.is_set():  # stopping: the broker may well be gone first
+                    break
+                # one line per failure, however long the outage: the chain only when debugging
+                what = "heartbeat to" if registered else "registering with"
+                log.warning("%s the broker failed: %s; next try in %gs", what, e, self.interval)
+                if e.detail:
+                    log.debug("%s the broker: %s", what, e.detail)
             self._stop.wait(self.interval)
 
     def start(self) -> None:
         threading.Thread(target=self._loop, daemon=True, name="broker-registration").start()
 
+    def halt(self) -> None:
+        """No more heartbeats (and no warnings about them): the agent is stopping."""
+        self._stop.set()
+
     def stop(self) -> None:
+        """Leave the pool. Briefly: at a Hub's stop the broker is often gone already."""
         self._stop.set()
         try:
-            self.client.deregister_agent(self.agent.agent_id)
-        except BrokerError:
-            pass
+            self.client.deregister_agent(self.agent.agent_id, timeout=2)
+        except BrokerError as e:
+            log.info("not deregistered from the broker: %s", e)

@@ -21,10 +21,15 @@ import threading
 import time
 import uuid
 
-from ..remote.tls import TLS_RECORD_HANDSHAKE, server_context
-from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal, set_liveness
+from ..lifecycle import exit_with_parent, exit_with_parent_requested
+from ..protocol import messages as m
+from ..protocol.fraction import GPUFraction
+from ..protocol.frames import ProtocolError, recv_frame, send_frame, send_refusal, set_liveness
+from ..protocol.tls import TLS_RECORD_HANDSHAKE, server_context
 from .auth import HelloRejected, check_hello
 from .inventory import gpu_inventory
+
+CPU_STAND_IN_GPUS = 8
 
 log = logging.getLogger("jupyter_elastic_gpu.agent")
 
@@ -282,22 +287,20 @@ class Agent:
     def _first_request(self, conn) -> bool:
         """Answer the connection's first request; True when it was handed to a worker."""
         try:
-            hello, _ = recv_frame(conn)
+            header, _ = recv_frame(conn)
+            msg = m.parse(header, tuple(self.FIRST_REQUESTS))
         except (ProtocolError, OSError, ConnectionError, ValueError) as e:
             send_refusal(conn, f"bad first frame: {e}")
             return False
         conn.settimeout(None)
         set_liveness(conn, 20.0)  # a vanished client is noticed even if it never sends FIN
-        op = hello.get("op")
-        if op == "inventory":
-            send_frame(conn, self.inventory())
-            return False
-        if op in ("interrupt", "close"):
-            self.by_secret(conn, hello, op)
-            return False
-        if op != "hello":
-            send_refusal(conn, f"first request must be 'hello' or 'inventory', got {op!r}")
-            return False
+        return self.FIRST_REQUESTS[type(msg)](self, conn, msg)
+
+    def _inventory(self, conn, msg: m.Inventory) -> bool:
+        send_frame(conn, self.inventory())
+        return False
+
+    def _hello(self, conn, hello: m.Hello) -> bool:
         worker = self._session_worker(conn, hello)
         if worker is None:
             return False
@@ -305,7 +308,7 @@ class Agent:
             # TLS state cannot cross processes: end this TLS layer; the worker starts its own.
             try:
                 conn.settimeout(self.hello_timeout)
-                send_frame(conn, {"handover": "tls"})
+                send_frame(conn, m.HANDOVER_TLS)
                 conn.unwrap()
             except (OSError, ValueError) as e:
                 log.info("session %s: client left during the TLS hand-over: %s", worker.session, e)
@@ -313,7 +316,7 @@ class Agent:
                     worker.disconnected_at = time.monotonic()  # freed after the grace period
                 return False
         try:
-            worker.hand_over(conn, hello, tls=self.tls is not None)
+            worker.hand_over(conn, hello.header(), tls=self.tls is not None)
         except OSError:  # the worker died between lookup and hand-over
             self.forget(worker)
             send_refusal(conn, "this session's worker just ended; connect again")
@@ -339,12 +342,9 @@ class Agent:
             log.info("TLS handshake failed: %s", e)
             return None
 
-    def _session_worker(self, conn, hello) -> SessionWorker | None:
+    def _session_worker(self, conn, hello: m.Hello) -> SessionWorker | None:
         """The worker of the session ``hello`` names, started if new; None after refusing."""
-        session, secret = hello.get("session"), hello.get("secret")
-        if not (isinstance(session, str) and 0 < len(session) <= 128 and isinstance(secret, str)):
-            send_refusal(conn, "hello needs a session id and a session secret")
-            return None
+        session, secret = hello.session, hello.secret
         with self.lock:
             worker = self.workers.get(session)
         if worker is not None and (worker.fatal or worker.proc.poll() is not None):
@@ -359,13 +359,18 @@ class Agent:
                 return None
             if worker is None:
                 try:
-                    claims = check_hello(hello, self.lease_secret, self.agent_id, session, None)
+                    claims = check_hello(
+                        hello.header(), self.lease_secret, self.agent_id, session, None
+                    )
                 except HelloRejected as e:
                     send_refusal(conn, str(e))
                     return None
-                # Open mode has no broker placement: a lease above 1 takes the first GPUs.
-                fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
-                gpus = claims.get("gpus") or list(range(int(fraction) if fraction > 1 else 1))
+                try:
+                    fraction = GPUFraction(claims.get("fraction") or hello.fraction or 1.0)
+                    gpus = claims.get("gpus") or self._open_mode_gpus(fraction)
+                except ValueError as e:
+                    send_refusal(conn, str(e))
+                    return None
                 worker = self.workers[session] = self._spare()
                 worker.assign(session, secret, gpus, fraction, claims.get("user"))
                 log.info(
@@ -377,24 +382,33 @@ class Agent:
                 )
         return worker
 
-    def by_secret(self, conn, msg, op) -> None:
+    def _by_secret(self, conn, msg: m.Interrupt | m.Close) -> bool:
         """Interrupt or close a session beside its data connection (the worker may be busy, or
         its client dead): the session secret is the proof of ownership."""
         with self.lock:
-            worker = self.workers.get(msg.get("session"))
-        secret = msg.get("secret")
+            worker = self.workers.get(msg.session)
+        secret = msg.secret
         if (
             worker is None
             or not isinstance(secret, str)
             or not hmac.compare_digest(worker.secret.encode(), secret.encode())
         ):
             send_refusal(conn, "no such session, or wrong secret")
-            return
-        if op == "interrupt":
-            worker.send({"cmd": "interrupt", "epoch": msg.get("epoch")})
+            return False
+        if type(msg) is m.Interrupt:
+            worker.send({"cmd": "interrupt", "epoch": msg.epoch})
         else:
             worker.stop("closed by its owner")
         send_frame(conn, {"ok": True})
+        return False
+
+    # What a connection's first frame may ask; every other request goes to a session's worker.
+    FIRST_REQUESTS = {
+        m.Hello: _hello,
+        m.Inventory: _inventory,
+        m.Interrupt: _by_secret,
+        m.Close: _by_secret,
+    }
 
     def gpu_memory(self, gpu: int) -> int:
         g = next(
@@ -456,6 +470,16 @@ class Agent:
                 elif not worker.ready:
                     log.warning("a spare worker failed to start; workers now start on demand")
 
+    def _open_mode_gpus(self, fraction: GPUFraction) -> list[int]:
+        # No broker placement: a lease above 1 takes the first GPUs, if there are that many.
+        # A CPU agent stands in for as many GPUs as one host has, for multi-GPU code in CI.
+        have = len(gpu_inventory("cuda", 0)) if self.device == "cuda" else CPU_STAND_IN_GPUS
+        if fraction.gpus > have:
+            raise ValueError(
+                f"a fraction of {fraction:g} needs {fraction.gpus} GPUs; this agent has {have}"
+            )
+        return list(range(fraction.gpus))
+
     def inventory(self) -> dict:
         with self.lock:
             sessions = [w.describe() for w in self.workers.values()]
@@ -504,8 +528,12 @@ class Agent:
         with self.lock:
             workers = list(self.workers.values()) + self.spares
             self.spares = []
-        for w in workers:
-            w.stop(reason)
+        # in parallel: a worker busy in a long op takes its 5 s before it is killed
+        stopping = [threading.Thread(target=w.stop, args=(reason,)) for w in workers]
+        for t in stopping:
+            t.start()
+        for t in stopping:
+            t.join()
         self.server.server_close()
 
 
@@ -581,11 +609,19 @@ def run_agent(opts) -> None:
         registration.start()
 
     def on_term(signum, frame):
-        log.info("signal %d: telling clients and stopping", signum)
+        log.info("%s: telling clients and stopping", signal.Signals(signum).name)
+        if registration:
+            registration.halt()
         # serve_forever returns once the server has stopped; workers are ended below.
         threading.Thread(target=agent.server.shutdown, daemon=True).start()
 
+    # SIGINT too, explicitly: a process started from a background job inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler (the Hub's Ctrl-C
+    # reaches its services as SIGINT).
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    if exit_with_parent_requested():
+        exit_with_parent("agent")
     try:
         agent.serve_forever()
     except KeyboardInterrupt:
@@ -595,3 +631,11 @@ def run_agent(opts) -> None:
         agent.shutdown()
         if registration:
             registration.stop()
+    log.info("stopped")
+    # Workers are gone and clients told: skip the interpreter's teardown, which with torch
+    # loaded takes over a second and would hold up every Hub stop (services stop in turn).
+    # Only after a clean stop: an error above still ends with its traceback and exit status.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -4,7 +4,7 @@ The agent hands the client's connection to this process (SCM_RIGHTS), so ops flo
 client to worker with no hop through the agent, and a crash or sticky CUDA error here ends
 only this session. The agent talks to the worker over a control socket (assign, connection
 hand-over, swap, interrupt, stop). Workers start before their session exists, as the agent's
-spares, and with TLS each terminates its own session's TLS (see remote/tls.py).
+spares, and with TLS each terminates its own session's TLS (see protocol/tls.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ import time
 
 import torch
 
-from ..remote.tls import GO_AHEAD, server_context
-from ..remote.wire import ProtocolError, recv_frame, send_frame, send_refusal, tensor_from_buffer
+from ..lifecycle import exit_with_parent
+from ..protocol import messages as m
+from ..protocol.fraction import GPUFraction
+from ..protocol.frames import ProtocolError, recv_frame, send_frame, send_refusal
+from ..protocol.tls import GO_AHEAD, server_context
+from ..protocol.values import as_buffer, tensor_from_buffer
 from . import graphs
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
@@ -100,14 +104,13 @@ class Worker:
                 "minor": 0,
                 "multi_processor_count": os.cpu_count() or 1,
             }
-        frac = self.fraction if self.fraction <= 1 else 1.0
         return {
             **info,
             "kind": self.device_kind,
             "count": n,
             "total_memory": total,
             "fraction": self.fraction,
-            "cap_bytes": int(total * frac),
+            "cap_bytes": int(total * GPUFraction(self.fraction).per_gpu),
         }
 
     def _apply_cap(self):
@@ -115,7 +118,8 @@ class Worker:
         self.cap_bytes = info["cap_bytes"]
         if self.device_kind == "cuda":
             for d in self.devices:
-                torch.cuda.set_per_process_memory_fraction(min(1.0, max(self.fraction, 0.01)), d)
+                share = GPUFraction(self.fraction).per_gpu
+                torch.cuda.set_per_process_memory_fraction(max(share, 0.01), d)
         self.executor.cap_bytes = self.cap_bytes if self.device_kind == "cpu" else None
         self.executor.slice_cap = self.cap_bytes
         self.executor.slice_name = f"{self.fraction:g} of {info['name']}"
@@ -162,7 +166,7 @@ class Worker:
             self.cancel_epoch = max(self.cancel_epoch, epoch if type(epoch) is int else 0)
 
     def tls_leg(self, conn):
-        """Second leg of a TLS session connection (see remote/tls.py): the go-ahead byte, then
+        """Second leg of a TLS session connection (see protocol/tls.py): the go-ahead byte, then
         our own handshake. The client repeats its hello inside, and the secret in it proves it
         is still the client the agent checked."""
         if self.tls is None:
@@ -210,11 +214,15 @@ class Worker:
                 hello, self.lease_secret, self.opts.agent_id, self.session, self.user
             )
         except HelloRejected as e:
-            self.reply({"error": {"type": "PermissionError", "message": str(e), "op": None}})
+            self.reply(m.error_reply("PermissionError", str(e)))
             return
         self.user = claims.get("user", self.user)
         self.expires = claims.get("exp")
-        self.fraction = float(claims.get("fraction") or hello.get("fraction") or 1.0)
+        try:
+            self.fraction = GPUFraction(claims.get("fraction") or hello.get("fraction") or 1.0)
+        except ValueError as e:
+            self.reply(m.error_reply("ValueError", str(e)))
+            return
         self._apply_cap()
         # The agent may swap idle sessions out to make room for this one first.
         self.notify(event="attaching", user=self.user, fraction=self.fraction, need=self.cap_bytes)
@@ -267,16 +275,20 @@ class Worker:
             header, bufs = recv_frame(self.client)
         except ProtocolError as e:
             # The stream cannot be trusted after a bad frame: say why, then hang up.
-            self.reply({"error": {"type": "ProtocolError", "message": str(e), "op": None}})
+            self.reply(m.error_reply("ProtocolError", str(e)))
             self.drop_client()
             return
         except (OSError, ConnectionError):
             self.drop_client()
             return
+        msg = None
         try:
-            self.handle(header, bufs)
+            msg = m.parse(header, tuple(self.HANDLERS))
+            self.handle(msg, bufs)
         except Exception as e:  # a bad request never ends the session
-            if header.get("op") in ("batch", "renew"):  # no reply expected: report at next sync
+            op = header.get("op")
+            if msg.NO_REPLY if msg is not None else type(op) is str and op in _NO_REPLY:
+                # No reply is due: report it at the next sync point.
                 if self.executor.error is None:
                     self.executor.error = error_payload(e, deferred=True)
             else:
@@ -285,26 +297,18 @@ class Worker:
             self.notify(event="fatal")
             sys.exit(3)
 
-    def handle(self, h, bufs):
-        op = h.get("op")
-        ex = self.executor
-        if op == "hello":
-            return self.on_hello(h)
-        if op == "close":
-            self.shutdown("closed by client", code=0)
-        if op == "renew":
-            try:
-                claims = check_hello(
-                    {"session": self.session, "token": h.get("token")},
-                    self.lease_secret,
-                    self.opts.agent_id,
-                    self.session,
-                    self.user,
-                )
-            except HelloRejected as e:
-                raise PermissionError(str(e)) from None
-            self.expires = claims.get("exp")
-            return None
+    def handle(self, msg: m.Message, bufs) -> None:
+        kind = type(msg)
+        if kind not in self.NEED_NO_LEASE:
+            self.check_lease()
+            if self.executor.error is not None and kind not in self.REPORT_LATER:
+                # A sync point: the first queued op that failed is the error to report.
+                return self.reply({"error": self.executor.take_error()})
+        reply = self.HANDLERS[kind](self, msg, bufs)
+        if reply is not None:
+            self.reply(*reply)
+
+    def check_lease(self) -> None:
         if self.attached and self.expires is not None and time.time() > self.expires:
             self.attached = False
             self.notify(event="detached", in_use=self.executor.in_use)
@@ -314,71 +318,110 @@ class Worker:
             )
         if not self.attached:
             raise PermissionError("this session holds no GPU lease; attach first")
-        if op == "batch":
-            epoch = h.get("epoch", 0)
-            self.batch_epoch = epoch if type(epoch) is int else 0
-            ex.run_batch(h.get("ops", []), bufs, h.get("free", []), self.interrupted)
-            return None  # batches are fire-and-forget
-        if ex.error is not None and op != "detach":
-            # A sync point: the first queued op that failed is the error to report.
-            return self.reply({"error": ex.take_error()})
-        if op == "detach":
-            self.sync()
-            self.attached = False
-            self.notify(event="detached", in_use=self.executor.in_use)
-            return self.reply(self.status())
-        if op == "sync":
-            self.sync()
-            return self.reply(self.status())
-        if op == "fetch":
-            self.sync()
-            meta, raw = ex.fetch(h.get("t"))
-            return self.reply(self.status(tensor=meta), [raw])
-        if op == "call":
-            result = ex.call(h.get("name"), h.get("args", []), h.get("kwargs", {}), bufs)
-            self.sync()
-            return self.reply(self.status(result=result))
-        if op == "memory":
-            self.sync()
-            return self.reply(self.status(memory=self.memory()))
-        if op == "manual_seed":
-            seed = h.get("seed")
-            if type(seed) is not int:
-                raise ValueError("seed must be an integer")
-            torch.manual_seed(seed)
-            return self.reply(self.status())
-        if op in ("get_rng_state", "set_rng_state"):
-            idx = h.get("device", 0)
-            if type(idx) is not int or not 0 <= idx < len(self.devices):
-                raise ValueError(f"no device {idx!r} in this session")
-            self.sync()
-            cuda = self.device_kind == "cuda"
-            if op == "get_rng_state":
-                state = (
-                    torch.cuda.get_rng_state(self.devices[idx]) if cuda else torch.get_rng_state()
-                )
-                return self.reply(self.status(), [state.numpy()])
-            if len(bufs) != 1:
-                raise ProtocolError("set_rng_state takes one buffer")
-            state = tensor_from_buffer({"dtype": "uint8", "shape": [len(bufs[0])]}, bufs[0])
-            if cuda:
-                torch.cuda.set_rng_state(state, self.devices[idx])
-            else:
-                torch.set_rng_state(state)
-            return self.reply(self.status())
-        if op == "empty_cache":
-            if self.device_kind == "cuda":
-                torch.cuda.empty_cache()
-            return self.reply(self.status())
-        if op == "compile_graph":
-            return self.compile_graph(h)
-        raise ProtocolError(f"unknown request {op!r}")
 
-    def compile_graph(self, h):
+    # Each handler returns the reply (header, buffers), or None where none is due.
+    def _hello(self, msg: m.Hello, bufs):
+        self.on_hello(msg.header())
+
+    def _close(self, msg: m.Close, bufs):
+        self.shutdown("closed by client", code=0)
+
+    def _renew(self, msg: m.Renew, bufs):
+        hello = {"session": self.session, "token": msg.token}
+        try:
+            claims = check_hello(
+                hello, self.lease_secret, self.opts.agent_id, self.session, self.user
+            )
+        except HelloRejected as e:
+            raise PermissionError(str(e)) from None
+        self.expires = claims.get("exp")
+
+    def _batch(self, msg: m.Batch, bufs):
+        self.batch_epoch = msg.epoch
+        self.executor.run_batch(msg.ops, bufs, msg.free, self.interrupted)
+
+    def _detach(self, msg, bufs):
+        self.sync()
+        self.attached = False
+        self.notify(event="detached", in_use=self.executor.in_use)
+        return (self.status(),)
+
+    def _sync(self, msg, bufs):
+        self.sync()
+        return (self.status(),)
+
+    def _fetch(self, msg: m.Fetch, bufs):
+        self.sync()
+        meta, raw = self.executor.fetch(msg.t)
+        return self.status(tensor=meta), [raw]
+
+    def _call(self, msg: m.Call, bufs):
+        result = self.executor.call(msg.name, msg.args, msg.kwargs, bufs)
+        self.sync()
+        return (self.status(result=result),)
+
+    def _memory(self, msg, bufs):
+        self.sync()
+        return (self.status(memory=self.memory()),)
+
+    def _manual_seed(self, msg: m.ManualSeed, bufs):
+        torch.manual_seed(msg.seed)
+        return (self.status(),)
+
+    def _device_index(self, idx: int) -> int:
+        if not 0 <= idx < len(self.devices):
+            raise ValueError(f"no device {idx!r} in this session")
+        return idx
+
+    def _get_rng_state(self, msg: m.GetRngState, bufs):
+        d = self.devices[self._device_index(msg.device)]
+        self.sync()
+        state = torch.cuda.get_rng_state(d) if self.device_kind == "cuda" else torch.get_rng_state()
+        return self.status(), [as_buffer(state)]
+
+    def _set_rng_state(self, msg: m.SetRngState, bufs):
+        d = self.devices[self._device_index(msg.device)]
+        if len(bufs) != 1:
+            raise ProtocolError("set_rng_state takes one buffer")
+        self.sync()
+        state = tensor_from_buffer({"dtype": "uint8", "shape": [len(bufs[0])]}, bufs[0])
+        if self.device_kind == "cuda":
+            torch.cuda.set_rng_state(state, d)
+        else:
+            torch.set_rng_state(state)
+        return (self.status(),)
+
+    def _empty_cache(self, msg, bufs):
+        if self.device_kind == "cuda":
+            torch.cuda.empty_cache()
+        return (self.status(),)
+
+    def _compile_graph(self, msg: m.CompileGraph, bufs):
         """A graph to compile (agent/graphs.py): its handle, or why it was refused."""
         self.sync()
-        info = self.executor.graphs.compile(h.get("graph"), h.get("mode"), self.device_kind)
-        return self.reply(self.status(graph=info))
+        info = self.executor.graphs.compile(msg.graph, msg.mode, self.device_kind)
+        return (self.status(graph=info),)
+
+    HANDLERS = {
+        m.Hello: _hello,
+        m.Close: _close,
+        m.Renew: _renew,
+        m.Batch: _batch,
+        m.Detach: _detach,
+        m.Sync: _sync,
+        m.Fetch: _fetch,
+        m.Call: _call,
+        m.Memory: _memory,
+        m.ManualSeed: _manual_seed,
+        m.GetRngState: _get_rng_state,
+        m.SetRngState: _set_rng_state,
+        m.EmptyCache: _empty_cache,
+        m.CompileGraph: _compile_graph,
+    }
+    # Served with or without a live lease (a renew brings the lease back to life).
+    NEED_NO_LEASE = frozenset({m.Hello, m.Close, m.Renew})
+    # Queued work, and detaching, do not turn a pending async error into their reply.
+    REPORT_LATER = frozenset({m.Batch, m.Detach})
 
     def status(self, **kw):
         err = self.executor.take_error()
@@ -435,13 +478,14 @@ class Worker:
     def shutdown(self, reason, code=0):
         if self.client is not None:
             try:
-                send_frame(
-                    self.client,
-                    {"error": {"type": "ConnectionAbortedError", "message": reason, "op": None}},
-                )
+                send_frame(self.client, m.error_reply("ConnectionAbortedError", reason))
             except OSError:
                 pass
-        sys.exit(code)
+        # Nothing of a session outlives its worker, so skip the interpreter's teardown: with
+        # torch (and a CUDA context) loaded it adds a second or more to every agent stop.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def serve(self):
         while True:
@@ -453,6 +497,9 @@ class Worker:
                     self.on_control()
                 elif self.client is not None:
                     self.on_client()
+
+
+_NO_REPLY = frozenset(op for op, cls in m.MESSAGES.items() if cls.NO_REPLY)
 
 
 def _same_secret(hello, secret: str) -> bool:
@@ -470,6 +517,9 @@ def main(argv=None):
     p.add_argument("--tls", default=None, help="CERT,KEY,CLIENT_CA: sessions' connections use TLS")
     opts = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours
+    # A dead agent closes the control socket, but a worker busy in a long op would not see
+    # that until the op ends: leave with the agent regardless.
+    exit_with_parent(f"worker of agent {opts.agent_id}")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     w = Worker(opts)
     w.notify(event="ready", pid=os.getpid())

@@ -24,10 +24,12 @@ from traitlets import Bool, Dict, Float, List, Set, TraitError, Unicode, default
 from traitlets.config import Application
 
 from .. import __version__, lease_token
+from ..lifecycle import exit_with_parent, exit_with_parent_requested
+from ..protocol.fraction import GPUFraction
 from . import db as dbmod
 from .handlers import handlers
 from .metrics import BrokerMetrics
-from .scheduler import EPS, Policy, Scheduler
+from .scheduler import Policy, Scheduler
 
 # Traits an admin may change with SIGHUP; the rest (addresses, database) need a restart.
 RELOADABLE = (
@@ -57,6 +59,7 @@ class User(NamedTuple):
 
 
 class ElasticGPUBroker(Application):
+    _stopping = False
     name = "jupyter-elastic-gpu-broker"
     version = __version__
     description = (
@@ -186,11 +189,10 @@ class ElasticGPUBroker(Application):
         if not self.fractions:
             raise ConfigError("ElasticGPUBroker.fractions must offer at least one fraction")
         for f in self.fractions:
-            if not (math.isfinite(f) and f > 0 and (f <= 1 + EPS or abs(f - round(f)) < EPS)):
-                raise ConfigError(
-                    f"ElasticGPUBroker.fractions: {f} fits no GPU; use a share of one GPU "
-                    "(0 < f <= 1) or a whole number of GPUs (2, 4, ...)"
-                )
+            try:
+                GPUFraction(f, "ElasticGPUBroker.fractions:")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if len(set(self.fractions)) != len(self.fractions):
             raise ConfigError("ElasticGPUBroker.fractions lists a fraction twice")
         if self.max_lease is not None and not (
@@ -253,7 +255,11 @@ class ElasticGPUBroker(Application):
         except (ConfigError, TraitError) as e:
             self.log.critical("elastic-gpu broker: bad configuration: %s", e)
             self.exit(1)
-        self.db = dbmod.open_db(self.db_url)
+        try:
+            self.db = dbmod.open_db(self.db_url)
+        except dbmod.SchemaError as e:
+            self.log.critical("elastic-gpu broker: %s", e)
+            self.exit(1)
         if not self.lease_secret:
             self.log.warning(
                 "No lease_secret configured: using a random one kept in the database; "
@@ -278,7 +284,7 @@ class ElasticGPUBroker(Application):
             "Loaded %i active lease(s) and %i agent(s) from %s",
             len(leases),
             len(agents),
-            self.db_url,
+            dbmod.safe_url(self.db_url),
         )
         self.changed = Condition()
         self.hub_auth = None
@@ -308,13 +314,18 @@ class ElasticGPUBroker(Application):
         loop.add_signal_handler(signal.SIGHUP, self.reload_config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        if exit_with_parent_requested():
+            exit_with_parent("broker")
         self.log.info(
             "elastic-gpu broker listening on %s%s", self.bind_url.rstrip("/"), self.service_prefix
         )
         IOLoop.current().start()
 
     def stop(self):
-        self.log.info("Stopping; leases are kept in %s", self.db_url)
+        if self._stopping:  # a second signal while stopping
+            return
+        self._stopping = True
+        self.log.info("Stopping; leases are kept in %s", dbmod.safe_url(self.db_url))
         self.http_server.stop()
         self.db.close()
         IOLoop.current().stop()

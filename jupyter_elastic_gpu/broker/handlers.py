@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from tornado import web
 
+from ..protocol.fraction import occupancy
 from .openapi import OPENAPI
 from .scheduler import GRANTED, QUEUED, Lease, RequestError
 
@@ -222,7 +223,7 @@ class PoolHandler(APIHandler):
                     {
                         **dict.fromkeys(GPU_FIELDS),
                         **g,
-                        "free": max(0.0, 1.0 - sum(min(x.fraction, 1.0) for x in held))
+                        "free": 1.0 - occupancy(x.fraction for x in held)
                         if a.alive
                         else 0.0,
                         "slices": [

@@ -7,6 +7,7 @@ from collections import Counter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..protocol.fraction import occupancy
 from .scheduler import GRANTED, QUEUED
 
 
@@ -43,9 +44,7 @@ class BrokerMetrics:
         yield _gauge("elastic_gpu_agents", "Agents alive", len(alive))
         yield _gauge("elastic_gpu_gpus", "GPUs in the pool", sum(len(a.gpus) for a in alive))
         slices = sched.gpu_slices()
-        allocated = sum(
-            min(1.0, sum(min(x.fraction, 1.0) for x in held)) for held in slices.values()
-        )
+        allocated = sum(occupancy(x.fraction for x in held) for held in slices.values())
         yield _gauge("elastic_gpu_gpus_allocated", "GPUs' worth of slices leased", allocated)
         leases = GaugeMetricFamily("elastic_gpu_leases", "Active leases", labels=["state"])
         for state in (GRANTED, QUEUED):

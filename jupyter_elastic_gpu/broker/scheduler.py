@@ -8,15 +8,13 @@ an injectable clock so tests can drive it.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-# Fractions are binary-exact for the usual 0.25/0.5, not for e.g. 0.1: compare with slack.
-EPS = 1e-9
+from ..protocol.fraction import GPUFraction, occupancy
 
 QUEUED, GRANTED, ENDED = "queued", "granted", "ended"
 
@@ -53,9 +51,9 @@ class Policy:
     def refusal(self, user: str, groups: Iterable[str], fraction: float) -> str | None:
         """Why a request can never be granted under this policy, or None."""
         limit = self.limit_for(user, groups)
-        if fraction > limit + EPS:
+        if not GPUFraction(fraction).fits(limit):
             return f"{fraction:g} GPU exceeds {user}'s limit of {limit:g} GPU"
-        if self.max_lease and fraction > self.max_lease + EPS:
+        if self.max_lease and not GPUFraction(fraction).fits(self.max_lease):
             return f"{fraction:g} GPU exceeds the cap on a single lease ({self.max_lease:g} GPU)"
         return None
 
@@ -132,7 +130,11 @@ class Scheduler:
     ) -> Lease:
         """Queue a request and schedule at once: the lease comes back granted or queued."""
         groups = sorted(groups)
-        if not any(abs(fraction - f) < EPS for f in self.policy.fractions):
+        try:
+            fraction = GPUFraction(fraction)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        if not any(fraction.same(f) for f in self.policy.fractions):
             offered = ", ".join(f"{f:g}" for f in self.policy.fractions)
             raise RequestError(
                 400, f"fraction {fraction:g} is not offered; choose one of {offered}"
@@ -142,7 +144,7 @@ class Scheduler:
             raise RequestError(403, refusal)
         for other in self.leases.values():
             if other.user == user and other.session == session:
-                if abs(other.fraction - fraction) < EPS:
+                if fraction.same(other.fraction):
                     return other  # a retried request: same answer, no second lease
                 raise RequestError(
                     409,
@@ -293,7 +295,7 @@ class Scheduler:
                 lease.reason = blocked[lease.user]
                 continue
             limit = self.policy.limit_for(lease.user, lease.groups)
-            if use[lease.user] + lease.fraction > limit + EPS:
+            if not GPUFraction(lease.fraction).fits(limit - use[lease.user]):
                 lease.reason = blocked[lease.user] = "quota"
                 continue
             placement = self._place(lease, free)
@@ -302,7 +304,7 @@ class Scheduler:
                 continue
             lease.agent, lease.gpus = placement
             for index in lease.gpus:
-                free[(lease.agent, index)] -= min(lease.fraction, 1.0)
+                free[(lease.agent, index)] -= GPUFraction(lease.fraction).per_gpu
             use[lease.user] += lease.fraction
             now = self.clock()
             lease.state, lease.reason, lease.granted_at = GRANTED, None, now
@@ -316,7 +318,7 @@ class Scheduler:
         free = {(a.id, g["index"]): 1.0 for a in self.agents.values() if a.alive for g in a.gpus}
         for (agent, index), leases in self.gpu_slices().items():
             if (agent, index) in free:
-                free[(agent, index)] -= sum(min(x.fraction, 1.0) for x in leases)
+                free[(agent, index)] -= occupancy(x.fraction for x in leases)
         return free
 
     def _affinity(self, lease: Lease) -> tuple[str | None, list]:
@@ -333,20 +335,21 @@ class Scheduler:
     def _place(self, lease: Lease, free: dict) -> tuple[str, list[int]] | None:
         """Best fit, preferring the agent (and GPUs) that hold the session's state."""
         home, home_gpus = self._affinity(lease)
-        if lease.fraction <= 1.0 + EPS:
+        fraction = GPUFraction(lease.fraction)
+        if fraction.gpus == 1:
             fits = [
                 ((agent != home, index not in home_gpus, room - lease.fraction, agent, index))
                 for (agent, index), room in free.items()
-                if room + EPS >= lease.fraction
+                if fraction.fits(room)
             ]
             if not fits:
                 return None
             *_, agent, index = min(fits)
             return agent, [index]
-        wanted = math.ceil(lease.fraction - EPS)
+        wanted = fraction.gpus
         whole = defaultdict(list)
         for (agent, index), room in free.items():
-            if room > 1.0 - EPS:
+            if GPUFraction(1).fits(room):
                 whole[agent].append(index)
         fits = [
             (agent != home, len(indices), agent, indices)

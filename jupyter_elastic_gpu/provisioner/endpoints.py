@@ -14,18 +14,22 @@ SERVICE_API = "services/elastic-gpu/api/"
 
 
 def hub_broker_url(env: Mapping[str, str] = os.environ) -> str:
-    """The broker API under JupyterHub: ``JUPYTERHUB_API_URL``'s host + the service prefix.
+    """The broker API as a kernel reaches it under JupyterHub: through the Hub's proxy, at the
+    public URL + ``services/elastic-gpu/api/``, the route JupyterHub adds for the service.
 
-    ``JUPYTERHUB_PUBLIC_URL`` wins when the Hub sets it (its API host may not route
-    services); ``JUPYTERHUB_BASE_URL`` keeps a Hub served under a prefix working.
+    JupyterHub tells a single-user server its public URL (``JUPYTERHUB_PUBLIC_URL``, e.g.
+    ``https://hub.example.org/prefix/user/alice/``, and ``JUPYTERHUB_PUBLIC_HUB_URL``) when
+    ``c.JupyterHub.public_url`` is set. Without it JupyterHub itself does not know the address
+    its users reach the proxy by, and ``JUPYTERHUB_API_URL`` (the Hub's own port, 8081) serves
+    no services, so nothing is derived: "" (the provisioner then says what to set).
     """
-    api = env.get("JUPYTERHUB_PUBLIC_URL") or env.get("JUPYTERHUB_API_URL") or ""
-    u = urlparse(api)
-    if not (u.scheme and u.netloc):
-        return ""
     base = env.get("JUPYTERHUB_BASE_URL") or "/"
     base = "/" + base.strip("/") + "/" if base.strip("/") else "/"
-    return f"{u.scheme}://{u.netloc}{base}{SERVICE_API}"
+    for name in ("JUPYTERHUB_PUBLIC_HUB_URL", "JUPYTERHUB_PUBLIC_URL"):
+        u = urlparse(env.get(name) or "")
+        if u.scheme in ("http", "https") and u.netloc:
+            return f"{u.scheme}://{u.netloc}{base}{SERVICE_API}"
+    return ""
 
 
 def resolve(

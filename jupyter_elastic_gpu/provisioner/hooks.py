@@ -23,28 +23,11 @@ import sys
 import threading
 import time
 
+from ..broker.client import describe_wait
+
 log = logging.getLogger("jupyter_elastic_gpu.kernel")
 
 DEFAULT_LINGER = 0.5
-
-
-def describe_wait(lease: dict) -> str:
-    """The queue wait, for a person: what is asked, who holds it, where we are in the queue."""
-    want = f"{lease.get('fraction', 0):g}"
-    if lease.get("reason") == "quota":
-        holders = []
-        for b in lease.get("blocked_by") or []:
-            who = b.get("notebook") or f"kernel {str(b.get('session', '?'))[:8]}"
-            holders.append(f"{who} ({b.get('fraction', 0):g} GPU)")
-        why = "your GPU quota is in use" + (" by " + ", ".join(holders) if holders else "")
-        after = "It starts by itself when their cells end"
-    else:
-        why = "all GPU slices of the pool are busy"
-        after = "It starts by itself when a slice frees up"
-    return (
-        f"Waiting for a {want} GPU slice: {why}. Position {lease.get('position')} in the queue. "
-        f"{after}; interrupt the kernel to stop waiting."
-    )
 
 
 def notebook_name(env=os.environ) -> str | None:

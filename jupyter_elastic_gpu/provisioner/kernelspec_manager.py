@@ -22,8 +22,6 @@ from traitlets import Float, Unicode
 from . import endpoints
 from .kernelspecs import spec_fraction
 
-EPS = 1e-9
-
 
 class ElasticGPUKernelSpecManager(KernelSpecManager):
     """A KernelSpecManager that hides GPU kernelspecs above the user's GPU limit."""
@@ -57,7 +55,7 @@ class ElasticGPUKernelSpecManager(KernelSpecManager):
         return {
             n: m
             for n, m in specs.items()
-            if (f := spec_fraction(m["spec"])) is None or f <= limit + EPS
+            if (f := spec_fraction(m["spec"])) is None or f.fits(limit)
         }
 
     # -- the user's limit ----------------------------------------------------------------------

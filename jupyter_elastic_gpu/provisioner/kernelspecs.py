@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -23,7 +22,9 @@ from jupyter_core.application import JupyterApp
 from jupyter_core.paths import jupyter_data_dir
 from traitlets import Float, List, Unicode
 
+from ..protocol.fraction import GPUFraction
 from . import PROVISIONER_NAME, endpoints
+from .provisioner import DEFAULT_GPU
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
 KERNEL_MODULE = "jupyter_elastic_gpu.provisioner.kernel"
@@ -34,15 +35,18 @@ def spec_name(fraction: float, prefix: str = "python3-gpu-") -> str:
 
 
 def spec_fraction(spec) -> float | None:
-    """The GPU fraction of an elastic-gpu kernelspec (a KernelSpec or its dict), else None."""
+    """The GPU fraction of an elastic-gpu kernelspec (a KernelSpec or its dict), else None.
+
+    The one reader of the stanza: the kernel picker, the server extension's status and the
+    provisioner agree (no ``config.gpu``: the provisioner's default, one GPU)."""
     metadata = spec.get("metadata", {}) if isinstance(spec, dict) else getattr(spec, "metadata", {})
     prov = (metadata or {}).get("kernel_provisioner") or {}
     if prov.get("provisioner_name") != PROVISIONER_NAME:
         return None
     try:
-        return float((prov.get("config") or {}).get("gpu", 1.0))
-    except (TypeError, ValueError):
-        return None
+        return GPUFraction((prov.get("config") or {}).get("gpu", DEFAULT_GPU))
+    except ValueError:
+        return None  # the provisioner refuses to launch it, with the reason
 
 
 def logo_svg(fraction: float) -> str:
@@ -82,11 +86,7 @@ def kernel_json(fraction: float, display_prefix: str, python: str) -> dict:
 def check_fractions(fractions) -> list[float]:
     out = []
     for f in fractions:
-        f = float(f)
-        if not (math.isfinite(f) and f > 0 and (f <= 1 or f == int(f))):
-            raise ValueError(
-                f"{f:g} is not a GPU slice: use a share of one GPU (0 < f <= 1) or whole GPUs (2, 4)"
-            )
+        f = float(GPUFraction(f))
         if f not in out:
             out.append(f)
     if not out:

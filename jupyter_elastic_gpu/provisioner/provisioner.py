@@ -12,23 +12,25 @@ expiry and the agent's vanished-client grace are the backstops if even that fail
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import secrets
-import time
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Float, Unicode, validate
 
+from ..protocol.client import close_session, is_listed
+from ..protocol.fraction import GPUFraction
 from . import endpoints
+
+DEFAULT_GPU = 1.0  # a kernelspec of this provisioner without config.gpu gets one GPU
 
 
 class ElasticGPUProvisioner(LocalProvisioner):
     """Launch an ipykernel on this node with a remote GPU slice of ``gpu`` GPUs."""
 
     gpu = Float(
-        1.0,
+        DEFAULT_GPU,
         help="GPUs this kernel leases while a cell runs GPU work: a share of one GPU "
         "(0.25, 0.5, 1) or whole GPUs (2). Normally set per kernelspec, in "
         'metadata.kernel_provisioner.config: {"gpu": 0.5}.',
@@ -68,10 +70,7 @@ class ElasticGPUProvisioner(LocalProvisioner):
 
     @validate("gpu")
     def _check_gpu(self, proposal):
-        gpu = proposal["value"]
-        if not (math.isfinite(gpu) and gpu > 0):
-            raise ValueError(f"elastic-gpu-provisioner: gpu must be a positive fraction, not {gpu}")
-        return gpu
+        return float(GPUFraction(proposal["value"], "elastic-gpu-provisioner: gpu"))
 
     # Where the running kernel leases from, fixed at launch: cleanup must reach the same
     # broker with the same token even if the environment changed since.
@@ -85,8 +84,9 @@ class ElasticGPUProvisioner(LocalProvisioner):
         if not (broker or agent):
             raise RuntimeError(
                 "elastic-gpu-provisioner: no GPU broker or agent configured; set "
-                "ELASTIC_GPU_BROKER_URL (or run under JupyterHub) or ELASTIC_GPU_AGENT=HOST:PORT, "
-                "or c.ElasticGPUProvisioner.broker_url / .agent"
+                "ELASTIC_GPU_BROKER_URL (under JupyterHub: or c.JupyterHub.public_url, the broker "
+                "is then found through the proxy) or ELASTIC_GPU_AGENT=HOST:PORT, or "
+                "c.ElasticGPUProvisioner.broker_url / .agent"
             )
         if broker and not token:
             raise RuntimeError(
@@ -133,7 +133,7 @@ class ElasticGPUProvisioner(LocalProvisioner):
     def free_remote(self, secret: str) -> None:
         """End this kernel's leases at the broker and its session on the agent(s)."""
         if self._agent:
-            close_agent_session(
+            close_session(
                 self._agent, self.kernel_id, secret, timeout=self.session_close_timeout
             )
             return
@@ -149,7 +149,7 @@ class ElasticGPUProvisioner(LocalProvisioner):
         # The kernel gave its lease back between cells, but its tensors may still live on an
         # agent: look for the session on every live agent of the pool.
         alive = [a["address"] for a in client.pool().get("agents", []) if a.get("alive")]
-        if not any(_listed(address, self.kernel_id, self.cleanup_timeout) for address in alive):
+        if not any(is_listed(address, self.kernel_id, self.cleanup_timeout) for address in alive):
             return
         # An agent that verifies lease tokens takes a hello only with a token for this session:
         # take a lease for the moment of the close (the broker places it on the agent that
@@ -157,7 +157,7 @@ class ElasticGPUProvisioner(LocalProvisioner):
         lease = client.request(self.kernel_id, self.gpu, kernel_name="(cleanup)")
         try:
             if lease["state"] == "granted":
-                close_agent_session(
+                close_session(
                     lease["agent"]["address"], self.kernel_id, secret,
                     token=lease.get("token"), timeout=self.session_close_timeout,
                 )  # fmt: skip
@@ -184,66 +184,3 @@ class ElasticGPUProvisioner(LocalProvisioner):
         self.session_secret = saved.get("secret", "")
         self._broker, self._agent = saved.get("broker", ""), saved.get("agent", "")
         self._token = endpoints.hub_token() if self._broker else ""
-
-
-def close_agent_session(
-    address: str, session: str, secret: str, *, token: str | None = None, timeout: float = 3.0
-) -> bool:
-    """Free ``session`` on the agent at ``address`` if it is still there; True if it was.
-
-    The agent hands a connection that knows the session's secret to the session's worker
-    even without a lease, and ``close`` is honoured before any lease check. Returns once
-    the agent no longer lists the session (or after ``timeout``), so a restarted kernel
-    (same session id) starts from a clean slate.
-    """
-    deadline = time.monotonic() + timeout
-    closed, last_try = False, -1.0
-    while True:
-        now = time.monotonic()
-        left = deadline - now
-        if left <= 0 or not _listed(address, session, min(left, 3.0)):
-            return closed
-        # A worker that is still starting (the kernel died between its lease and its hello)
-        # may drop our connection unanswered, or take our hello into the kernel's unfinished
-        # one: ask again every second until the session is gone.
-        if now - last_try >= 1.0:
-            last_try = now
-            outcome = _send_close(address, session, secret, token, min(left, 5.0))
-            if outcome == "refused":
-                return False  # wrong secret (not ours to free), or the lease token was refused
-            closed = closed or outcome == "closed"
-        time.sleep(0.1)
-
-
-def _listed(address: str, session: str, timeout: float) -> bool:
-    from ..agent.client import query_inventory
-
-    try:
-        sessions = query_inventory(address, timeout=timeout).get("sessions", [])
-    except (OSError, RuntimeError, ValueError):
-        return False  # agent gone: nothing of ours is left there
-    return any(s.get("session") == session for s in sessions)
-
-
-def _send_close(address: str, session: str, secret: str, token: str | None, timeout: float) -> str:
-    from ..remote.session import parse_address
-    from ..remote.tls import open_session
-    from ..remote.wire import ProtocolError, recv_frame, send_frame
-
-    hello = {"op": "hello", "session": session, "secret": secret, "token": token, "pid": 0}
-    try:
-        sock, refusal = open_session(*parse_address(address), hello, timeout)
-        if refusal is not None:
-            return "refused"
-        with sock:
-            reply, _ = recv_frame(sock)
-            if "error" in reply:
-                return "refused"
-            send_frame(sock, {"op": "close"})
-            try:
-                recv_frame(sock)  # the worker's goodbye, or EOF
-            except (OSError, ConnectionError, ProtocolError):
-                pass
-            return "closed"
-    except (OSError, ConnectionError, ProtocolError):
-        return "retry"

@@ -2,7 +2,7 @@
 
 ``attach()`` installs the ``egpu`` PrivateUse1 backend (``backend``), maps the name "cuda"
 onto it (``cuda_facade``, ``autocast``) and opens a session (``session``) whose lease is
-taken at the first GPU op. ``wire`` is the frame format shared with the agent.
+taken at the first GPU op. The wire it speaks is ``jupyter_elastic_gpu.protocol``'s.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 
+from ..protocol.fraction import GPUFraction
 from . import backend
 from .backend import RemoteError, RemoteTensor
 from .session import AgentUnavailable, DirectLease, RemoteSession
@@ -33,9 +34,9 @@ def attach(
     Arguments default to the ``ELASTIC_GPU_*`` environment a GPU kernel is started with.
     """
     env = os.environ
-    fraction = float(fraction if fraction is not None else env.get("ELASTIC_GPU_FRACTION", 1))
-    if not fraction > 0:
-        raise ValueError(f"GPU fraction must be positive, got {fraction}")
+    if fraction is None:
+        fraction = GPUFraction(env.get("ELASTIC_GPU_FRACTION", 1), "$ELASTIC_GPU_FRACTION")
+    fraction = GPUFraction(fraction)
     session_id = session_id or env.get("ELASTIC_GPU_SESSION")
     if lease_provider is None:
         broker = broker or (None if agent else env.get("ELASTIC_GPU_BROKER_URL"))

@@ -17,7 +17,7 @@ import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
 from ..layouts import CONVOLUTIONS, conform
-from .wire import DTYPE_NAMES, MEMORY_FORMAT_NAMES
+from ..protocol.values import argument_encoder
 
 BACKEND = "egpu"
 
@@ -163,59 +163,22 @@ def _index_lists_to_tensors(index, device):
 
 
 # ---------------------------------------------------------------------------------------
-# Argument encoding: one pass builds the wire form, the meta-inference cache key and the
-# list of CPU buffers to upload.
-
-_SCALARS = (int, float, bool, str, type(None))
+# Argument encoding (protocol/values.py): one pass builds the wire form, the meta-inference
+# cache key and the list of CPU buffers to upload.
 
 
-def _encode(v, sig, bufs, inputs):
-    t = type(v)
-    if t is RemoteTensor or isinstance(v, RemoteTensor):
-        if v._sess is not _session:
-            raise RuntimeError(
-                "this tensor belongs to an earlier remote GPU session (detached or "
-                "re-attached since), so its data is gone"
-            )
-        sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
-        inputs.append(v)
-        return {"t": v._rid}
-    if t in _SCALARS:
-        sig.append((t, v))
-        return v
-    if t is list or t is tuple or t is torch.Size:
-        sig.append(len(v))
-        return [_encode(x, sig, bufs, inputs) for x in v]
-    if t is torch.dtype:
-        sig.append(v)
-        return {"dt": DTYPE_NAMES[v]}
-    if t is torch.device:
-        sig.append(v)
-        return {"dev": v.type if v.type == "cpu" else "cuda", "i": v.index or 0}
-    if isinstance(v, torch.Tensor):  # a CPU tensor argument (uploads, 0-dim scalars)
-        if v.device.type != "cpu":
-            raise RuntimeError(f"cannot mix tensors on {v.device} with remote GPU tensors")
-        sig.append(("cpu", v.dtype, v.shape, v.stride()))
-        data = v.detach().resolve_conj().resolve_neg().contiguous()
-        bufs.append(data)
-        return {"cpu": len(bufs) - 1, "dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)}
-    if t is torch.memory_format:
-        sig.append(v)
-        return {"mf": MEMORY_FORMAT_NAMES[v]}
-    if t is torch.layout:
-        sig.append(v)
-        if v is not torch.strided:
-            raise NotImplementedError(f"layout {v} is not supported on the remote GPU")
-        return {"ly": "strided"}
-    if t is complex:
-        sig.append((t, v))
-        return {"c": [v.real, v.imag]}
-    if t is torch.Generator:
-        raise NotImplementedError(
-            "explicit torch.Generator objects are not supported on the remote GPU; "
-            "seed with torch.manual_seed / torch.cuda.manual_seed instead"
+def _remote_ref(v, sig, inputs):
+    if v._sess is not _session:
+        raise RuntimeError(
+            "this tensor belongs to an earlier remote GPU session (detached or "
+            "re-attached since), so its data is gone"
         )
-    raise NotImplementedError(f"cannot send an argument of type {t.__name__} to the remote GPU")
+    sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
+    inputs.append(v)
+    return v._rid
+
+
+_encode = argument_encoder(RemoteTensor, _remote_ref)
 
 
 def _encode_args(args, sig, bufs, inputs):

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import tls
+from ..protocol import tls
+from ..protocol.client import query_inventory
 
 
 def _agent_line(address: str) -> tuple[bool, str]:
-    from ..agent.client import query_inventory
-
     try:
         inv = query_inventory(address, timeout=5.0)
     except (OSError, RuntimeError, ValueError) as e:

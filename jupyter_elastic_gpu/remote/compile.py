@@ -27,9 +27,10 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..protocol.messages import CompileGraph, Free, RunGraph
+from ..protocol.values import DTYPE_NAMES, MEMORY_FORMAT_NAMES
 from . import backend
 from .backend import BACKEND, RemoteTensor
-from .wire import DTYPE_NAMES, MEMORY_FORMAT_NAMES
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RECOMPILE_LIMIT = 8  # as torch._dynamo.config.recompile_limit: then the call runs eagerly
@@ -388,7 +389,7 @@ class _Graphs:
     def compiler(self, gm, example_inputs):
         data, outs = graph_to_data(gm)
         try:
-            reply, _ = self.sess.request({"op": "compile_graph", "graph": data, "mode": self.mode})
+            reply, _ = self.sess.request(CompileGraph(graph=data, mode=self.mode).header())
         except Exception as e:
             raise CompileFallback(f"the GPU agent did not compile the graph: {e}") from e
         info = reply["graph"]
@@ -412,7 +413,7 @@ def report(info) -> None:
 
 
 class _RemoteGraph:
-    """Runs one compiled graph: a ``["g", handle, input ids, output ids]`` batch record."""
+    """Runs one compiled graph: a ``RunGraph`` record in the batch stream."""
 
     def __init__(self, handle, gm, outs):
         self.handle, self.gm, self.outs = handle, gm, outs
@@ -440,7 +441,7 @@ class _RemoteGraph:
                 rid = sess.new_id()
                 ids.append(rid)
                 results.append(RemoteTensor(sess, rid, *v, idx))
-        _enqueue(sess, ["g", self.handle, [a._rid for a in args], ids])
+        _enqueue(sess, RunGraph(self.handle, [a._rid for a in args], ids).wire())
         args.clear()  # boxed convention: the caller's list no longer keeps inputs alive
         return results
 
@@ -452,7 +453,7 @@ def _enqueue(sess, record) -> None:
     with sess._lock:
         if sess.freed:
             freed, sess.freed = sess.freed, []
-            sess._pending.append(["-", freed])
+            sess._pending.append(Free(freed).wire())
         sess._pending.append(record)
         sess.stats["ops"] += 1
         sess._flush()  # one graph is a lot of work: start it now

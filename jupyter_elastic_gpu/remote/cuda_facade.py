@@ -18,6 +18,8 @@ from collections import namedtuple
 
 import torch
 
+from ..protocol import messages as wire
+from ..protocol.fraction import GPUFraction
 from . import backend
 from .backend import BACKEND
 
@@ -252,8 +254,7 @@ def _is_in_bad_fork() -> bool:
 
 @_cuda
 def device_count() -> int:
-    f = _sess().fraction
-    return max(1, int(f)) if f > 1 else 1
+    return GPUFraction(_sess().fraction).gpus
 
 
 @_cuda
@@ -326,7 +327,7 @@ def synchronize(device=None) -> None:
 
 
 def _memory() -> dict:
-    reply, _ = _sess().request({"op": "memory"})
+    reply, _ = _sess().request(wire.Memory().header())
     return reply["memory"]
 
 
@@ -423,14 +424,14 @@ def list_gpu_processes(device=None) -> str:
 @_cuda
 def get_per_process_memory_fraction(device=None) -> float:
     _index(device)
-    return float(min(1.0, _info()["fraction"]))
+    return GPUFraction(_info()["fraction"]).per_gpu
 
 
 @_cuda
 def empty_cache() -> None:
     s = _sess()
     if s.attached:
-        s.request({"op": "empty_cache"})
+        s.request(wire.EmptyCache().header())
 
 
 # The agent keeps no resettable peak: resetting is accepted and leaves the figures as they are.
@@ -468,7 +469,7 @@ def manual_seed(seed: int) -> None:
     s = _sess()
     if s.forked:
         return  # as CUDA's lazy seeding in a forked child: queued, never run (DataLoader workers)
-    s.request({"op": "manual_seed", "seed": int(seed)})
+    s.request(wire.ManualSeed(seed=int(seed)).header())
 
 
 @_cuda
@@ -493,7 +494,7 @@ def initial_seed() -> int:
 
 @_cuda
 def get_rng_state(device="cuda") -> torch.Tensor:
-    _, bufs = _sess().request({"op": "get_rng_state", "device": _index(device)})
+    _, bufs = _sess().request(wire.GetRngState(device=_index(device)).header())
     return torch.frombuffer(bufs[0], dtype=torch.uint8).clone()
 
 
@@ -505,7 +506,7 @@ def get_rng_state_all() -> list:
 @_cuda
 def set_rng_state(new_state, device="cuda") -> None:
     state = new_state.detach().cpu().contiguous().view(torch.uint8).numpy()
-    _sess().request({"op": "set_rng_state", "device": _index(device)}, [state])
+    _sess().request(wire.SetRngState(device=_index(device)).header(), [state])
 
 
 @_cuda
@@ -995,8 +996,7 @@ def _reduce_for_child(t):
 
 def install(session) -> None:
     backend.register_backend(_device_module())
-    f = session.fraction
-    session.devices = [torch.device(BACKEND, i) for i in range(max(1, int(f)) if f > 1 else 1)]
+    session.devices = [torch.device(BACKEND, i) for i in range(GPUFraction(session.fraction).gpus)]
     for owner, name, new in _cuda_plan():
         _set(owner, name, new)
     # torch.utils.checkpoint saves device RNG state only for an initialized device module.

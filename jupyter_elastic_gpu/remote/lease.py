@@ -5,19 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from ..broker.client import BrokerClient, BrokerError
-
-
-def describe_wait(lease: dict) -> str:
-    frac = f"{lease['fraction']:g}"
-    if lease.get("reason") == "quota":
-        held = ", ".join(
-            b.get("notebook") or b.get("session", "?")[:8] for b in lease.get("blocked_by") or []
-        )
-        why = f"your GPU quota is in use{' by ' + held if held else ''}"
-    else:
-        why = "all GPU slices are busy"
-    return f"Waiting for a {frac} GPU slice: {why}; position {lease.get('position')} in the queue."
+from ..broker.client import BrokerClient, BrokerError, describe_wait
 
 
 class BrokerLease:
@@ -42,7 +30,7 @@ class BrokerLease:
         self.fraction, self.kernel_name, self.notebook = fraction, kernel_name, notebook
         self.heartbeat_interval = heartbeat_interval
         self.on_wait = on_wait or (
-            lambda lease: print(describe_wait(lease), file=sys.stderr, flush=True)
+            lambda lease: print(describe_wait(lease, "press Ctrl-C"), file=sys.stderr, flush=True)
         )
         self.cancel = threading.Event()  # set from an interrupt to leave the queue
         self.lease: dict | None = None

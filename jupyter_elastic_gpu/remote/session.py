@@ -20,8 +20,12 @@ import time
 
 import torch
 
-from . import backend, tls
-from .wire import DTYPES, recv_frame, send_frame, set_liveness, tensor_from_buffer
+from ..protocol import messages as m
+from ..protocol import tls
+from ..protocol.client import interrupt_session, parse_address
+from ..protocol.frames import recv_frame, send_frame, set_liveness
+from ..protocol.values import as_buffer, decode_result, tensor_from_buffer
+from . import backend
 
 BATCH_MAX_OPS = 512
 BATCH_MAX_BYTES = 8 << 20
@@ -52,13 +56,6 @@ def _raise_remote(err: dict):
     where = f"{op} failed on the remote GPU" if op else "the remote GPU agent refused the request"
     when = " (asynchronously; reported at this sync point)" if err.get("deferred") else ""
     raise cls(f"{where}{when}: {err.get('message')}")
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"agent address must be HOST:PORT, got {address!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class DirectLease:
@@ -139,7 +136,9 @@ class RemoteSession:
             if self.freed:
                 # Frees go in stream order, so memory is reused within a batch as on a GPU.
                 freed, self.freed = self.freed, []
-                self._pending.append(["-", freed])
+                self._pending.append({"free": freed})  # an m.Free record
+            # An m.Run record, built as the bare list it is on the wire: this runs once per op,
+            # and the agent validates every record it receives (messages.parse_record).
             self._pending.append([_op_name(func), eargs, ekwargs, ids, len(self._bufs)])
             self.stats["ops"] += 1
             if bufs:
@@ -155,10 +154,10 @@ class RemoteSession:
             self.freed.clear()
             return
         freed, self.freed = self.freed, []
-        header = {"op": "batch", "ops": self._pending, "free": freed, "epoch": self.epoch}
+        header = m.Batch(ops=self._pending, free=freed, epoch=self.epoch).header()
         self.stats["batches"] += 1
         self.stats["bytes_up"] += self._buf_bytes
-        bufs = [b.view(-1).view(torch.uint8).numpy() if b.numel() else b"" for b in self._bufs]
+        bufs = [as_buffer(b) for b in self._bufs]
         self._pending, self._bufs, self._buf_bytes = [], [], 0
         self._send(header, bufs)
 
@@ -264,7 +263,7 @@ class RemoteSession:
 
     # -- sync points ------------------------------------------------------------------------
     def fetch(self, x) -> torch.Tensor:
-        reply, bufs = self.request({"op": "fetch", "t": x._rid})
+        reply, bufs = self.request(m.Fetch(t=x._rid).header())
         self.stats["bytes_down"] += len(bufs[0])
         local = tensor_from_buffer(reply["tensor"], bufs[0])
         if local.stride() == x.stride() or not _dense(x):
@@ -274,33 +273,13 @@ class RemoteSession:
 
     def call(self, func, eargs, ekwargs, bufs, inputs):
         """Run an op on the agent now: its outputs' shapes or values depend on data."""
-        header = {"op": "call", "name": _op_name(func), "args": eargs, "kwargs": ekwargs}
-        if bufs:
-            bufs = [b.view(-1).view(torch.uint8).numpy() if b.numel() else b"" for b in bufs]
-        reply, _ = self.request(header, bufs)
+        header = m.Call(name=_op_name(func), args=eargs, kwargs=ekwargs).header()
+        reply, _ = self.request(header, [as_buffer(b) for b in bufs])
         by_id = {t._rid: t for t in inputs}
-        return self._decode_result(reply["result"], by_id)
+        return decode_result(reply["result"], by_id, self._wrap)
 
-    def _decode_result(self, v, by_id):
-        if isinstance(v, list):
-            return [self._decode_result(x, by_id) for x in v]
-        if isinstance(v, dict):
-            if "in" in v:
-                return by_id[v["in"]]
-            if "r" in v:
-                return backend.RemoteTensor(
-                    self,
-                    v["r"],
-                    v["size"],
-                    v["stride"],
-                    v["offset"],
-                    DTYPES[v["dtype"]],
-                    v["nbytes"],
-                    v.get("dev", 0),
-                )
-            if "tuple" in v:
-                return tuple(self._decode_result(x, by_id) for x in v["tuple"])
-        return v
+    def _wrap(self, rid, size, stride, offset, dtype, nbytes, dev):
+        return backend.RemoteTensor(self, rid, size, stride, offset, dtype, nbytes, dev)
 
     def interrupt(self) -> None:
         """Ask the agent to drop this session's queued work (sent beside the data connection)."""
@@ -308,22 +287,12 @@ class RemoteSession:
         self._bufs, self._buf_bytes = [], 0
         self.epoch += 1  # everything sent before now belongs to the interrupted epoch
         try:
-            with tls.connect(*parse_address(self.address), timeout=5) as s:
-                send_frame(
-                    s,
-                    {
-                        "op": "interrupt",
-                        "session": self.session_id,
-                        "secret": self.secret,
-                        "epoch": self.epoch,
-                    },
-                )
-                recv_frame(s)
+            interrupt_session(self.address, self.session_id, self.secret, self.epoch)
         except (OSError, ConnectionError):
             pass  # the agent is gone: the next op reports that
 
     def synchronize(self) -> None:
-        self.request({"op": "sync"})
+        self.request(m.Sync().header())
 
     # -- lease and connection -------------------------------------------------------------------
     def attach(self) -> None:
@@ -339,14 +308,13 @@ class RemoteSession:
                 lost, self._lost = self._lost, None
                 raise lost
             lease = self.lease_provider.acquire(self)
-            hello = {
-                "op": "hello",
-                "session": self.session_id,
-                "secret": self.secret,
-                "token": lease.get("token"),
-                "fraction": lease.get("fraction", self.fraction),
-                "pid": os.getpid(),
-            }
+            hello = m.Hello(
+                session=self.session_id,
+                secret=self.secret,
+                token=lease.get("token"),
+                fraction=lease.get("fraction", self.fraction),
+                pid=os.getpid(),
+            ).header()
             try:
                 if self.sock is None or lease["address"] != self.address:
                     reply = self._connect(lease["address"], hello)
@@ -412,7 +380,7 @@ class RemoteSession:
         with self._lock:
             if self.attached and self.sock is not None:
                 self._flush()
-                self._send({"op": "renew", "token": token})
+                self._send(m.Renew(token=token).header())
 
     def release(self) -> None:
         """Wait for queued GPU work to drain, then give the lease back (state stays on the agent)."""
@@ -422,7 +390,7 @@ class RemoteSession:
             if not self.attached:
                 return
             try:
-                self.request({"op": "detach"})
+                self.request(m.Detach().header())
             finally:
                 self.attached = False
                 self.lease_provider.release()
@@ -437,7 +405,7 @@ class RemoteSession:
             try:
                 if self.sock is not None:
                     self._pending.clear()
-                    send_frame(self.sock, {"op": "close"})
+                    send_frame(self.sock, m.Close().header())
             except OSError:
                 pass
             finally:

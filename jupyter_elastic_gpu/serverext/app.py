@@ -3,10 +3,11 @@
 Two backends answer the handlers' questions:
 
 - :class:`BrokerBackend` (under JupyterHub): forwards to the broker's REST API with the
-  single-user server's Hub token, using tornado's non-blocking ``AsyncHTTPClient`` and
-  short timeouts.
+  single-user server's Hub token, through ``broker.client.BrokerClient`` (the one client of
+  the broker, as kernels and agents use it) in a worker thread, with short timeouts.
 - :class:`AgentBackend` (no broker, ``ELASTIC_GPU_AGENT`` set): asks one agent for its
-  inventory through ``jupyter_elastic_gpu.agent.client.query_inventory`` in a worker thread.
+  inventory through ``jupyter_elastic_gpu.protocol.client.query_inventory`` in a worker
+  thread (torch-free: the server never imports torch).
 
 Both raise :class:`BackendError` with an HTTP status and a message the sidebar shows.
 """
@@ -14,18 +15,17 @@ Both raise :class:`BackendError` with an HTTP status and a message the sidebar s
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
-import inspect
-import json
 import os
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
-BROKER_SERVICE_PATH = "services/elastic-gpu/api/"
+from ..broker.client import BrokerClient, BrokerError
+from ..protocol import client as agent_client
+from ..provisioner import endpoints
 
 
 class BackendError(Exception):
@@ -36,21 +36,6 @@ class BackendError(Exception):
         self.status = status
         self.message = message
         self.reason = reason
-
-
-def broker_url_from_hub_api(api_url: str) -> str:
-    """``http://h:8081/prefix/hub/api`` -> ``http://h:8081/prefix/services/elastic-gpu/api/``."""
-    parts = urlsplit(api_url)
-    path = parts.path.rstrip("/")
-    if path.endswith("/hub/api"):
-        path = path[: -len("hub/api")]
-    elif path.endswith("/api"):
-        path = path[: -len("api")]
-    else:
-        path = "/"
-    if not path.endswith("/"):
-        path += "/"
-    return urlunsplit((parts.scheme, parts.netloc, path + BROKER_SERVICE_PATH, "", ""))
 
 
 def strip_secrets(obj: Any) -> Any:
@@ -68,19 +53,15 @@ class ElasticGPUServerExtension(Configurable):
     broker_url = Unicode(
         help="""Base URL of the broker's REST API (ends with ``/services/elastic-gpu/api/``).
 
-        Default: env ``ELASTIC_GPU_BROKER_URL``; else, under JupyterHub, the host of
-        ``JUPYTERHUB_API_URL`` + ``/services/elastic-gpu/api/``; else empty (no broker).""",
+        Default: where this server's GPU kernels lease from (``provisioner.endpoints``):
+        env ``ELASTIC_GPU_BROKER_URL``; else none when an agent is set (``agent_address``);
+        else the broker derived from JupyterHub's environment; else empty (no broker).""",
     ).tag(config=True)
 
     @default("broker_url")
     def _default_broker_url(self) -> str:
-        url = os.environ.get("ELASTIC_GPU_BROKER_URL", "")
-        if url:
-            return url
-        api_url = os.environ.get("JUPYTERHUB_API_URL", "")
-        if api_url:
-            return broker_url_from_hub_api(api_url)
-        return ""
+        # The kernels' own resolver, so that the sidebar shows the broker they lease from.
+        return endpoints.resolve(agent=self.agent_address)[0]
 
     agent_address = Unicode(
         help="``HOST:PORT`` of a local agent, used when no broker is configured "
@@ -98,7 +79,7 @@ class ElasticGPUServerExtension(Configurable):
 
     @default("api_token")
     def _default_api_token(self) -> str:
-        return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        return endpoints.hub_token()
 
     connect_timeout = Float(2.0, help="Seconds to wait for a connection to the broker/agent.").tag(
         config=True
@@ -134,75 +115,50 @@ class ElasticGPUServerExtension(Configurable):
 
 
 class BrokerBackend:
+    """The broker's REST API through ``BrokerClient`` (the one broker client), in a worker
+    thread so that a slow broker never blocks the server's event loop."""
+
     mode = "broker"
 
     def __init__(self, ext: ElasticGPUServerExtension):
         self.ext = ext
-        base = ext.broker_url
-        self.base = base if base.endswith("/") else base + "/"
-
-    async def get(self, path: str, params: dict[str, str] | None = None) -> Any:
-        url = self.base + path
-        if params:
-            url += "?" + urlencode(params)
-        headers = {"Accept": "application/json"}
-        if self.ext.api_token:
-            headers["Authorization"] = f"token {self.ext.api_token}"
-        req = HTTPRequest(
-            url,
-            method="GET",
-            headers=headers,
-            connect_timeout=self.ext.connect_timeout,
-            request_timeout=self.ext.request_timeout,
-            follow_redirects=False,
+        self.base = ext.broker_url if ext.broker_url.endswith("/") else ext.broker_url + "/"
+        self.client = BrokerClient(
+            self.base,
+            ext.api_token,
+            timeout=ext.request_timeout,
+            connect_timeout=ext.connect_timeout,
         )
+
+    async def _ask(self, call, *args) -> Any:
+        loop = asyncio.get_running_loop()
         try:
-            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
-        except (HTTPClientError, OSError, asyncio.TimeoutError) as e:
-            raise BackendError(
-                503, f"GPU broker unreachable at {self.base}: {e}", "unreachable"
-            ) from e
-        if resp.code == 599:  # tornado's code for connection errors and timeouts
-            raise BackendError(
-                503, f"GPU broker unreachable at {self.base}: {resp.error}", "unreachable"
+            # The client's own timeouts end the call; this bounds it should they not.
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, functools.partial(call, *args)),
+                self.ext.connect_timeout + self.ext.request_timeout + 1,
             )
-        body: Any = None
-        if resp.body:
-            try:
-                body = json.loads(resp.body)
-            except ValueError:
-                body = None
-        if resp.code >= 400:
-            msg = body.get("message") if isinstance(body, dict) else None
-            if resp.code >= 500:
-                raise BackendError(
-                    502, f"GPU broker error ({resp.code}): {msg or resp.reason}", "broker_error"
-                )
+        except asyncio.TimeoutError:
             raise BackendError(
-                resp.code, msg or f"GPU broker refused: {resp.code} {resp.reason}", "refused"
-            )
-        if resp.code >= 300:
-            raise BackendError(
-                502, f"GPU broker answered {resp.code} at {url} (wrong broker_url?)", "bad_answer"
-            )
-        if body is None:
-            raise BackendError(502, f"GPU broker sent a non-JSON answer for {path}", "bad_answer")
-        return body
+                503, f"GPU broker unreachable at {self.base}: no answer", "unreachable"
+            ) from None
+        except BrokerError as e:
+            raise _backend_error(e, self.base) from e
 
     async def me(self) -> dict[str, Any]:
-        me = await self.get("me")
+        me = await self._ask(self.client.me)
         me.setdefault("leases", [])
         me.setdefault("queue", [])
         return me
 
     async def pool(self) -> dict[str, Any]:
-        return await self.get("pool")
+        return await self._ask(self.client.pool)
 
     async def leases(self, all_users: bool) -> dict[str, Any]:
-        return await self.get("leases", {"all": "true"} if all_users else None)
+        return {"leases": await self._ask(self.client.leases, all_users)}
 
     async def usage(self) -> dict[str, Any]:
-        return await self.get("usage")
+        return await self._ask(self.client.usage)
 
     async def sessions(self, user: str | None = None) -> list[dict[str, Any]]:
         """My data-plane sessions (idle ones may be swapped to host), best effort.
@@ -238,6 +194,17 @@ class BrokerBackend:
         return out
 
 
+def _backend_error(e: BrokerError, base: str) -> BackendError:
+    """What the sidebar shows for a broker failure (``reason`` tells the kinds apart)."""
+    if e.reason == "unreachable":
+        return BackendError(503, f"GPU broker unreachable at {base}: {e.message}", e.reason)
+    if e.reason == "broker_error":
+        return BackendError(502, f"GPU broker error ({e.status}): {e.message}", e.reason)
+    if e.reason == "bad_answer":
+        return BackendError(502, f"GPU broker: {e.message}", e.reason)
+    return BackendError(e.status or 502, e.message, e.reason)
+
+
 def _tag_sessions(sessions: list[Any], agent: dict[str, Any], user: Any) -> list[dict[str, Any]]:
     out = []
     for s in sessions:
@@ -255,28 +222,17 @@ def _tag_sessions(sessions: list[Any], agent: dict[str, Any], user: Any) -> list
 
 async def query_inventory(address: str, timeout: float) -> dict[str, Any]:
     """Call the agent's inventory query without blocking the event loop."""
-    try:
-        from jupyter_elastic_gpu.agent.client import query_inventory as _query
-    except Exception as e:
-        raise BackendError(
-            503,
-            f"GPU agent unreachable at {address}: the agent client is not available ({e})",
-            "agent_unreachable",
-        ) from e
     loop = asyncio.get_running_loop()
     try:
-        if inspect.iscoroutinefunction(_query):
-            result = await asyncio.wait_for(_query(address), timeout)
-        else:
-            result = await asyncio.wait_for(loop.run_in_executor(None, _query, address), timeout)
+        result = await asyncio.wait_for(
+            loop.run_in_executor(None, agent_client.query_inventory, address, timeout), timeout
+        )
     except asyncio.TimeoutError as e:
         raise BackendError(
             503,
             f"GPU agent unreachable at {address}: no answer in {timeout:g}s",
             "agent_unreachable",
         ) from e
-    except BackendError:
-        raise
     except Exception as e:
         raise BackendError(
             503, f"GPU agent unreachable at {address}: {e}", "agent_unreachable"

@@ -9,9 +9,8 @@ import tornado.web
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
+from ..provisioner.kernelspecs import spec_fraction
 from .app import BackendError, ElasticGPUServerExtension, kernel_gpu_state, strip_secrets
-
-PROVISIONER_NAME = "elastic-gpu-provisioner"
 
 
 class BaseGPUHandler(APIHandler):
@@ -132,13 +131,7 @@ class KernelHandler(BaseGPUHandler):
             spec = self.kernel_spec_manager.get_kernel_spec(kernel.kernel_name)
         except Exception:
             return None
-        prov = (getattr(spec, "metadata", None) or {}).get("kernel_provisioner") or {}
-        if prov.get("provisioner_name") != PROVISIONER_NAME:
-            return None
-        try:
-            return float((prov.get("config") or {}).get("gpu"))
-        except (TypeError, ValueError):
-            return None
+        return spec_fraction(spec)
 
     @tornado.web.authenticated
     async def get(self, kernel_id: str) -> None:

@@ -495,7 +495,9 @@ export function statusText(fraction: number | null | undefined, state: IKernelGp
   return `${head} · ${state.state}`;
 }
 
-/** The fraction of a GPU kernelspec, or null when it is not an elastic-GPU kernel. */
+/** The fraction of a GPU kernelspec, or null when it is not an elastic-GPU kernel. Without
+ * `config.gpu` the provisioner leases one GPU (its default), so that is the fraction; the
+ * server extension's `kernels/{id}` answer, read with the same rule, has the last word. */
 export function gpuFractionFromSpec(metadata: unknown): number | null {
   if (!metadata || typeof metadata !== 'object') {
     return null;
@@ -508,7 +510,7 @@ export function gpuFractionFromSpec(metadata: unknown): number | null {
   if (p.provisioner_name !== 'elastic-gpu-provisioner') {
     return null;
   }
-  const gpu = Number(p.config?.gpu);
+  const gpu = Number(p.config?.gpu ?? 1);
   return isFinite(gpu) && gpu > 0 ? gpu : null;
 }
 

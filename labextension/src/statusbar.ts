@@ -138,6 +138,13 @@ export class GpuStatusItem extends Widget {
       this._error = false;
       this._errorMessage = '';
       this._failures = 0;
+      // The server extension reads the kernelspec as the provisioner does: its fraction wins
+      // over the spec seen here (and "not a GPU kernel" stops the polling).
+      const served = state.gpu ? state.fraction : null;
+      if (served !== this._fraction) {
+        this._fraction = served;
+        this._activeChanged.emit();
+      }
     } catch (error) {
       if (gen !== this._generation || kernelId !== this._polledKernel) {
         return;

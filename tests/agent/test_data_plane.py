@@ -9,7 +9,7 @@ import torch
 
 from jupyter_elastic_gpu.agent import executor as ex_mod
 from jupyter_elastic_gpu.agent.executor import SessionExecutor
-from jupyter_elastic_gpu.remote.wire import recv_frame, send_frame
+from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
 
 
 def test_a_frame_larger_than_the_socket_buffer_arrives_whole_and_in_order():

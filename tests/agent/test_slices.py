@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from jupyter_elastic_gpu.agent.client import query_inventory
+from jupyter_elastic_gpu.protocol.client import query_inventory
 from tests.conftest import AGENT_DEVICE
 
 
@@ -217,8 +217,9 @@ def test_inventory_describes_the_cpu_stand_in(agent):
 def test_the_session_secret_closes_a_session_beside_its_connection(make_agent):
     import socket as _socket
 
-    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession, parse_address
-    from jupyter_elastic_gpu.remote.wire import recv_frame, send_frame
+    from jupyter_elastic_gpu.protocol.client import parse_address
+    from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
 
     agent = make_agent()
     s = RemoteSession(DirectLease(agent.address, 0.5), secret="owner-secret")

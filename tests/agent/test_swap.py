@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from jupyter_elastic_gpu.agent.client import query_inventory
+from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
 
 

@@ -16,9 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_elastic_gpu.agent.client import query_inventory
-from jupyter_elastic_gpu.remote.session import parse_address
-from jupyter_elastic_gpu.remote.wire import encode_frame, recv_frame, send_frame
+from jupyter_elastic_gpu.protocol.client import parse_address, query_inventory
+from jupyter_elastic_gpu.protocol.frames import encode_frame, recv_frame, send_frame
 
 
 def connect(address):
@@ -303,15 +302,16 @@ def test_unknown_requests_and_bad_ids_get_clear_errors(agent):
     try:
         assert "unknown request" in request(s, {"op": "format_disk"})["error"]["message"]
         assert "unknown tensor id" in request(s, {"op": "fetch", "t": 99999})["error"]["message"]
-        assert (
-            "unknown tensor id"
-            in request(s, {"op": "fetch", "t": "1; rm -rf /"})["error"]["message"]
-        )
+        reply = request(s, {"op": "fetch", "t": "1; rm -rf /"})
+        assert "'t' must be an integer" in reply["error"]["message"]
         reply = request(s, {"op": "manual_seed", "seed": "x"})
         assert "integer" in reply["error"]["message"]
-        for device in (7, -1, "0", None):
+        for device in (7, -1):
             reply = request(s, {"op": "get_rng_state", "device": device})
             assert "no device" in reply["error"]["message"], reply
+        for device in ("0", None, True):
+            reply = request(s, {"op": "get_rng_state", "device": device})
+            assert "'device' must be an integer" in reply["error"]["message"], reply
         assert request(s, {"op": "set_rng_state", "device": 0})["error"]["type"] == "ProtocolError"
         garbage = request(s, {"op": "set_rng_state", "device": 0}, [b"\x00" * 7])
         assert garbage["error"]["op"] is None and "Traceback" not in garbage["error"]["message"]
@@ -333,3 +333,22 @@ def test_header_must_be_a_json_object(agent):
     s.sendall(struct.pack("<II", len(head), 0) + head)
     assert "object" in recv_frame(s)[0]["error"]["message"]
     s.close()
+
+
+def test_an_open_mode_hello_asks_only_for_gpus_the_agent_has(agent):
+    for fraction, words in [
+        (1e9, "needs 1000000000 GPUs; this agent has"),
+        (1.5, "fits no GPU"),
+        (-1, "fits no GPU"),
+    ]:
+        s = connect(agent.address)
+        try:
+            send_frame(
+                s,
+                {"op": "hello", "session": f"greedy-{fraction}", "secret": "x", "fraction": fraction},
+            )
+            reply, _ = recv_frame(s)
+            assert words in reply["error"]["message"], reply
+        finally:
+            s.close()
+    still_serving(agent.address)

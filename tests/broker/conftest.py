@@ -24,6 +24,8 @@ import requests
 from jupyter_elastic_gpu.agent.local import free_port
 from jupyter_elastic_gpu.broker.client import BrokerClient
 
+from .postgres import PostgresServer, binaries
+
 AGENT_TOKEN = "test-agent-token"
 LEASE_SECRET = "test-lease-secret"
 PREFIX = "/services/elastic-gpu/"
@@ -153,7 +155,8 @@ class Broker:
             "ELASTIC_GPU_AGENT_TOKEN": AGENT_TOKEN,
             "ELASTIC_GPU_LEASE_SECRET": LEASE_SECRET,
         }
-        self.configure(db_url=f"sqlite:///{tmp / 'broker.sqlite'}", **config)
+        config.setdefault("db_url", f"sqlite:///{tmp / 'broker.sqlite'}")
+        self.configure(**config)
         self.api = f"{hub.url}{PREFIX}api/"
         self.proc = None
         self.start()
@@ -232,12 +235,49 @@ def hub(tmp_path_factory, proxy_available):
     h.stop()
 
 
+# The database-facing tests run against both; the rest on SQLite only (CI time).
+BOTH_DATABASES = pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server for the session (CI installs Debian's postgresql).
+
+    Skipped only where the server's binaries are missing, and not even then under
+    ``ELASTIC_GPU_REQUIRE_POSTGRES=1`` (.ci/run sets it): CI must not pass without PostgreSQL.
+    The driver is part of the test extra, so a missing psycopg is an error, not a skip.
+    """
+    bindir = binaries()
+    if bindir is None:
+        why = "PostgreSQL is not installed (apt-get install postgresql): no initdb found"
+        if os.environ.get("ELASTIC_GPU_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{why}, and ELASTIC_GPU_REQUIRE_POSTGRES=1")
+        pytest.skip(why)
+    import psycopg  # noqa: F401  (pip install -e '.[test]' or '.[postgres]')
+
+    server = PostgresServer(bindir)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def make_broker(hub, tmp_path):
+def db_url(request, tmp_path):
+    """The broker's database: a SQLite file by default; a fresh PostgreSQL database for tests
+    marked BOTH_DATABASES."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'broker.sqlite'}"
+    assert kind == "postgresql", kind
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture
+def make_broker(hub, tmp_path, db_url):
     """Start the broker with some config; it is stopped after the test."""
     brokers = []
 
     def make(**config):
+        config.setdefault("db_url", db_url)
         b = Broker(hub, tmp_path, hub.broker_port, hub.service_token, **config)
         brokers.append(b)
         return b

@@ -94,7 +94,7 @@ class DemoHub:
                 kill_tree(self.proc)
                 taken = any(
                     m in self.logs(200_000)
-                    for m in ("Failed to bind", "Address already in use", "EADDRINUSE")
+                    for m in ("Failed to bind", "Address already in use", "EADDRINUSE", "is already in use")
                 )
                 if attempt == attempts or not taken:
                     raise

@@ -38,7 +38,7 @@ def test_post_build_and_start_are_executable_scripts():
 def test_start_runs_a_cpu_agent_then_the_command(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     probe = (
-        "import os; from jupyter_elastic_gpu.agent.client import query_inventory; "
+        "import os; from jupyter_elastic_gpu.protocol.client import query_inventory; "
         "inv = query_inventory(os.environ['ELASTIC_GPU_AGENT']); print('agent', inv['agent']['device'])"
     )
     env = dict(os.environ, ELASTIC_GPU_AGENT=address, ELASTIC_GPU_AGENT_LOG=str(tmp_path / "a.log"))

@@ -19,8 +19,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from traitlets.config import Config
 
-from jupyter_elastic_gpu.agent.client import query_inventory
 from jupyter_elastic_gpu.broker.client import BrokerClient
+from jupyter_elastic_gpu.protocol.client import query_inventory
 from jupyter_elastic_gpu.provisioner.kernelspecs import ElasticGPUKernelSpecs
 from tests.broker.conftest import start, stop, wait_http
 from tests.conftest import AgentProcess, free_port
@@ -144,6 +144,20 @@ class Kernel:
         raise TimeoutError(
             f"cell {msg_id} did not finish in {timeout}s; got {[m['msg_type'] for m in out]}"
         )
+
+    def wait_for_output(self, msg_id: str, text: str, timeout: float = 60) -> None:
+        """Read the cell's iopub messages until its output contains ``text``."""
+        seen, deadline = "", time.monotonic() + timeout
+        while text not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"cell {msg_id} never printed {text!r}; printed {seen!r}")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=left)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                seen += text_of([msg])
 
     def reply(self, msg_id: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout

@@ -89,8 +89,11 @@ def test_interrupt_long_remote_work_then_next_cell_works(make_kernel, direct_age
     )
     assert reply["status"] == "ok"
     # Ops stream asynchronously: the cell then blocks in .item() while the agent grinds.
-    msg_id = k.submit("for _ in range(30):\n    a = (a @ a).tanh()\nprint(a.sum().item())")
-    time.sleep(1.0)
+    msg_id = k.submit(
+        "for _ in range(30):\n    a = (a @ a).tanh()\nprint('queued', flush=True)\n"
+        "print(a.sum().item())"
+    )
+    k.wait_for_output(msg_id, "queued")  # the work is on its way; the cell waits for it next
     t0 = time.monotonic()
     k.km.interrupt_kernel()
     reply = k.reply(msg_id, timeout=30)

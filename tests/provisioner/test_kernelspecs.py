@@ -78,7 +78,7 @@ def test_bad_fractions_are_refused(clean_env, capsys):
     with pytest.raises(SystemExit) as e:
         kernelspecs(["install", "--prefix", str(clean_env), "--fractions", "0.5,1.5"])
     assert e.value.code == 2
-    assert "1.5 is not a GPU slice" in capsys.readouterr().err
+    assert "1.5 fits no GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         kernelspecs(["remove", "python3-gpu-9", "--prefix", str(clean_env)])
 
@@ -148,14 +148,30 @@ def test_picker_in_single_user_mode_hides_nothing(kernels_dir, monkeypatch):
     assert len(names(ElasticGPUKernelSpecManager(kernel_dirs=[str(kernels_dir)]))) == 4
 
 
-def test_broker_url_from_jupyterhub_environment():
-    env = {"JUPYTERHUB_API_URL": "http://10.0.0.5:8081/hub/api"}
-    assert endpoints.resolve("", "", env) == ("http://10.0.0.5:8081/services/elastic-gpu/api/", "")
-    env["JUPYTERHUB_BASE_URL"] = "/jhub/"
-    assert (
-        endpoints.resolve("", "", env)[0] == "http://10.0.0.5:8081/jhub/services/elastic-gpu/api/"
+def test_broker_url_from_jupyterhub_environment_is_the_proxy_route_of_the_service():
+    # what JupyterHub 5/6 gives a single-user server when c.JupyterHub.public_url is set
+    env = {
+        "JUPYTERHUB_API_URL": "http://10.0.0.5:8081/hub/api",
+        "JUPYTERHUB_SERVICE_URL": "http://10.0.0.9:41234/user/alice/",
+        "JUPYTERHUB_PUBLIC_URL": "https://hub.example.org/user/alice/",
+        "JUPYTERHUB_PUBLIC_HUB_URL": "https://hub.example.org/hub/",
+        "JUPYTERHUB_BASE_URL": "/",
+    }
+    assert endpoints.resolve("", "", env) == (
+        "https://hub.example.org/services/elastic-gpu/api/",
+        "",
     )
-    env["JUPYTERHUB_PUBLIC_URL"] = "https://hub.example.org/jhub/"
+    env.update(
+        JUPYTERHUB_BASE_URL="/jhub/",
+        JUPYTERHUB_PUBLIC_URL="https://hub.example.org/jhub/user/alice/",
+        JUPYTERHUB_PUBLIC_HUB_URL="https://hub.example.org/jhub/hub/",
+    )
+    assert (
+        endpoints.resolve("", "", env)[0]
+        == "https://hub.example.org/jhub/services/elastic-gpu/api/"
+    )
+    # only the server's public URL (older Hubs): the same host
+    del env["JUPYTERHUB_PUBLIC_HUB_URL"]
     assert (
         endpoints.resolve("", "", env)[0]
         == "https://hub.example.org/jhub/services/elastic-gpu/api/"
@@ -165,6 +181,18 @@ def test_broker_url_from_jupyterhub_environment():
     env["ELASTIC_GPU_BROKER_URL"] = "http://b/api/"  # an explicit broker beats everything
     assert endpoints.resolve("", "", env) == ("http://b/api/", "")
     assert endpoints.resolve("", "", {}) == ("", "")
+
+
+def test_no_broker_is_derived_from_the_hub_api_port_which_serves_no_services():
+    """No public URL (empty, as JupyterHub sets it): the Hub's API host:8081 is not a guess
+    worth making, and the server's own address (JUPYTERHUB_SERVICE_URL) is not the proxy."""
+    env = {
+        "JUPYTERHUB_API_URL": "http://10.0.0.5:8081/hub/api",
+        "JUPYTERHUB_SERVICE_URL": "http://10.0.0.9:41234/user/alice/",
+        "JUPYTERHUB_PUBLIC_URL": "",
+        "JUPYTERHUB_PUBLIC_HUB_URL": "",
+    }
+    assert endpoints.resolve("", "", env) == ("", "")
 
 
 def test_provisioner_refuses_to_launch_without_a_gpu_source(kernels_dir, monkeypatch):

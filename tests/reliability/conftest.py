@@ -205,7 +205,7 @@ class Cluster:
         return {a["id"] for a in self.http("GET", "pool").json()["agents"] if a["alive"]}
 
     def inventory(self, name: str) -> dict:
-        from jupyter_elastic_gpu.agent.client import query_inventory
+        from jupyter_elastic_gpu.protocol.client import query_inventory
 
         return self.net.call("cpu", query_inventory, self.agent_address(name))
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from jupyter_elastic_gpu import lease_token
-from jupyter_elastic_gpu.remote.wire import recv_frame, send_frame
+from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
 from tests.conftest import AgentProcess, free_port
 from tests.reliability.conftest import cluster, netns_ok  # noqa: F401 - fixtures for e2e tests
 

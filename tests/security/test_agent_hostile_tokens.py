@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from jupyter_elastic_gpu.agent.client import query_inventory
+from jupyter_elastic_gpu.protocol.client import query_inventory
 
 from .conftest import AGENT_ID, hello, put, request, token
 
@@ -106,7 +106,7 @@ def test_forged_session_ids_reach_nothing(secure_agent):
         c.close()
         import socket
 
-        from jupyter_elastic_gpu.remote.wire import recv_frame, send_frame
+        from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
 
         host, port = secure_agent.address.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as i:
@@ -199,7 +199,7 @@ def test_a_renewed_token_keeps_the_session_served_and_a_foreign_one_does_not(sec
 
 
 def send_frame_renew(s, tok):
-    from jupyter_elastic_gpu.remote.wire import send_frame
+    from jupyter_elastic_gpu.protocol.frames import send_frame
 
     send_frame(s, {"op": "renew", "token": tok})
 

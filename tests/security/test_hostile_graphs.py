@@ -136,6 +136,7 @@ def test_oversized_graphs_and_foreign_fields_are_refused():
 
 
 def test_hostile_graphs_through_a_real_agent_leave_it_serving(agent, own_session):
+    from jupyter_elastic_gpu.protocol.messages import RunGraph
     from jupyter_elastic_gpu.remote.compile import _enqueue
 
     with own_session(agent.address) as sess:
@@ -146,7 +147,7 @@ def test_hostile_graphs_through_a_real_agent_leave_it_serving(agent, own_session
         with pytest.raises(Exception, match="unknown compile mode"):
             sess.request({"op": "compile_graph", "graph": GOOD, "mode": "rm -rf"})
         # A graph record naming a handle this session never compiled.
-        _enqueue(sess, ["g", "0" * 64, [x._rid], [sess.new_id()]])
+        _enqueue(sess, RunGraph("0" * 64, [x._rid], [sess.new_id()]).wire())
         with pytest.raises(Exception, match="unknown graph handle"):
             sess.synchronize()
         assert (x + 1).sum().item() == 6.0  # the session goes on

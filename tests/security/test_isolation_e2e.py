@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from jupyter_elastic_gpu.broker.client import BrokerClient, BrokerError
-from jupyter_elastic_gpu.remote.wire import send_frame
+from jupyter_elastic_gpu.protocol.frames import send_frame
 from tests.reliability.conftest import USER_TOKEN
 
 from .conftest import hello, request

@@ -21,9 +21,9 @@ import threading
 import pytest
 
 from jupyter_elastic_gpu.agent.certs import make_certs
-from jupyter_elastic_gpu.agent.client import query_inventory
-from jupyter_elastic_gpu.remote import tls
-from jupyter_elastic_gpu.remote.wire import recv_frame, send_frame
+from jupyter_elastic_gpu.protocol import tls
+from jupyter_elastic_gpu.protocol.client import query_inventory
+from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
 from tests.conftest import AgentProcess, free_port
 
 MARKER = b"EGPU-TENSOR-PAYLOAD-7d1c"  # bytes of a tensor the sniffer looks for

@@ -184,6 +184,7 @@ class FakeBroker:
         self.requests: list[dict[str, Any]] = []
         self.fail_status: int | None = None  # answer every request with this (e.g. 500)
         self.delay = 0.0
+        self.delaying = threading.Event()  # set when a request starts waiting out the delay
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -239,7 +240,8 @@ class FakeBroker:
         with self.lock:
             self.requests.append({"path": parts.path, "query": parts.query, "auth": auth})
         if self.delay:
-            time.sleep(self.delay)
+            self.delaying.set()
+            time.sleep(self.delay)  # the slow broker being simulated, not a synchronisation
         if self.fail_status:
             return self._send(req, self.fail_status, {"message": "broker exploded"})
         if not parts.path.startswith(API_PREFIX):

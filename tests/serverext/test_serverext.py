@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from jupyter_elastic_gpu.provisioner import endpoints
 from jupyter_elastic_gpu.serverext.app import (
     ElasticGPUServerExtension,
-    broker_url_from_hub_api,
     kernel_gpu_state,
     strip_secrets,
 )
@@ -23,6 +23,14 @@ from .support import (
     gpu_kernelspec,
 )
 
+ENDPOINT_ENV = (
+    "ELASTIC_GPU_BROKER_URL",
+    "ELASTIC_GPU_AGENT",
+    "JUPYTERHUB_API_URL",
+    "JUPYTERHUB_PUBLIC_URL",
+    "JUPYTERHUB_PUBLIC_HUB_URL",
+    "JUPYTERHUB_BASE_URL",
+)
 SERVER_CONFIG = LOCAL_GPU_PROVISIONER_SHIM + "\nc.ElasticGPUServerExtension.request_timeout = 1.5\n"
 
 
@@ -64,33 +72,46 @@ def kernel(server):
 # ----------------------------------------------------------------------------- pure parts
 
 
-def test_broker_url_from_hub_api():
-    assert (
-        broker_url_from_hub_api("http://127.0.0.1:8081/hub/api")
-        == "http://127.0.0.1:8081/services/elastic-gpu/api/"
-    )
-    assert (
-        broker_url_from_hub_api("https://hub.example.org/prefix/hub/api/")
-        == "https://hub.example.org/prefix/services/elastic-gpu/api/"
-    )
-    assert broker_url_from_hub_api("http://h:1/x") == "http://h:1/services/elastic-gpu/api/"
-
-
-def test_broker_url_defaults(monkeypatch):
-    for k in ("ELASTIC_GPU_BROKER_URL", "JUPYTERHUB_API_URL", "ELASTIC_GPU_AGENT"):
+@pytest.mark.parametrize(
+    "env, mode, where",
+    [
+        ({}, "none", ""),
+        ({"ELASTIC_GPU_AGENT": "127.0.0.1:7070"}, "agent", "127.0.0.1:7070"),
+        # a Hub without a public URL: its API port serves no services, so no broker
+        ({"JUPYTERHUB_API_URL": "http://10.1.2.3:8081/hub/api", "JUPYTERHUB_BASE_URL": "/"}, "none", ""),
+        (
+            {
+                "JUPYTERHUB_API_URL": "http://10.1.2.3:8081/hub/api",
+                "JUPYTERHUB_PUBLIC_HUB_URL": "https://hub.example.org/hub/",
+                "JUPYTERHUB_BASE_URL": "/",
+            },
+            "broker",
+            "https://hub.example.org/services/elastic-gpu/api/",  # through the proxy
+        ),
+        # An agent set beside a Hub: the kernels use it directly, so the sidebar does too.
+        (
+            {"ELASTIC_GPU_AGENT": "127.0.0.1:7070", "JUPYTERHUB_API_URL": "http://h:8081/hub/api"},
+            "agent",
+            "127.0.0.1:7070",
+        ),
+        (
+            {"ELASTIC_GPU_BROKER_URL": "http://broker:9/api/", "ELASTIC_GPU_AGENT": "a:1"},
+            "broker",
+            "http://broker:9/api/",
+        ),
+    ],
+)
+def test_the_sidebar_talks_to_where_the_kernels_lease_from(monkeypatch, env, mode, where):
+    for k in ENDPOINT_ENV:
         monkeypatch.delenv(k, raising=False)
-    assert ElasticGPUServerExtension().mode == "none"
-    monkeypatch.setenv("ELASTIC_GPU_AGENT", "127.0.0.1:7070")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     ext = ElasticGPUServerExtension()
-    assert (ext.mode, ext.agent_address) == ("agent", "127.0.0.1:7070")
-    monkeypatch.setenv("JUPYTERHUB_API_URL", "http://10.1.2.3:8081/hub/api")
-    ext = ElasticGPUServerExtension()
-    assert (ext.mode, ext.broker_url) == (
-        "broker",
-        "http://10.1.2.3:8081/services/elastic-gpu/api/",
-    )
-    monkeypatch.setenv("ELASTIC_GPU_BROKER_URL", "http://broker:9/api/")
-    assert ElasticGPUServerExtension().broker_url == "http://broker:9/api/"
+    assert ext.mode == mode
+    if where is not None:
+        assert {"broker": ext.broker_url, "agent": ext.agent_address}.get(mode, "") == where
+    used = (ext.broker_url, ext.agent_address if mode == "agent" else "")
+    assert used == endpoints.resolve()
 
 
 def test_strip_secrets():
@@ -254,6 +275,7 @@ def test_broker_error_is_a_502(server, broker):
 
 def test_slow_broker_times_out_without_blocking_the_server(server, broker):
     broker.delay = 4.0  # longer than request_timeout = 1.5 (set in SERVER_CONFIG)
+    broker.delaying.clear()
     try:
         result = {}
 
@@ -263,7 +285,7 @@ def test_slow_broker_times_out_without_blocking_the_server(server, broker):
         t0 = time.monotonic()
         th = threading.Thread(target=slow)
         th.start()
-        time.sleep(0.3)
+        assert broker.delaying.wait(5), "the slow request never reached the broker"
         t1 = time.monotonic()
         assert server.request("GET", "api/status")[0] == 200
         assert time.monotonic() - t1 < 1.0, "the event loop was blocked"
@@ -299,10 +321,7 @@ def test_agent_mode_unreachable_agent(tmp_path):
 def test_agent_mode_with_a_real_agent(tmp_path):
     from tests.conftest import AgentProcess
 
-    try:
-        agent = AgentProcess()
-    except Exception as e:  # the agent's CLI is another component
-        pytest.skip(f"no local agent could be started: {e}")
+    agent = AgentProcess()  # our own agent: failing to start it is a failure, not a skip
     try:
         with JupyterProcess(
             tmp_path, env={"ELASTIC_GPU_AGENT": agent.address}, labextension_from_repo=False
@@ -317,3 +336,27 @@ def test_agent_mode_with_a_real_agent(tmp_path):
             assert all("slices" in g for g in a["gpus"])
     finally:
         agent.stop()
+
+
+def test_without_a_terminal_sigint_stops_the_server_as_sigterm_does(monkeypatch):
+    """jupyter_server leaves SIGINT to Python when stdin is no terminal (a KeyboardInterrupt
+    that skips the kernels' shutdown); JupyterHub stops servers with it."""
+    import signal
+
+    from jupyter_elastic_gpu.serverext import _stop_kernels_on_sigint
+
+    class ServerApp:
+        def _signal_stop(self, sig, frame):
+            pass
+
+    app = ServerApp()
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.default_int_handler)
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda s, h: installed.setdefault(s, h))
+    _stop_kernels_on_sigint(app)
+    assert installed == {signal.SIGINT: app._signal_stop}
+    # in a terminal jupyter_server has its own handler (the Ctrl-C prompt): left alone
+    installed.clear()
+    monkeypatch.setattr(signal, "getsignal", lambda s: app._signal_stop)
+    _stop_kernels_on_sigint(app)
+    assert installed == {}

@@ -331,7 +331,13 @@ describe('status bar', () => {
         kernel_provisioner: { provisioner_name: 'local-provisioner', config: { gpu: 0.5 } }
       })
     ).toBeNull();
-    expect(gpuFractionFromSpec({ kernel_provisioner: { provisioner_name: 'elastic-gpu-provisioner' } })).toBeNull();
+    // No config.gpu: the provisioner's default of one GPU, as the Python reader says.
+    expect(gpuFractionFromSpec({ kernel_provisioner: { provisioner_name: 'elastic-gpu-provisioner' } })).toBe(1);
+    expect(
+      gpuFractionFromSpec({
+        kernel_provisioner: { provisioner_name: 'elastic-gpu-provisioner', config: { gpu: 'x' } }
+      })
+    ).toBeNull();
     expect(gpuFractionFromSpec({})).toBeNull();
     expect(gpuFractionFromSpec(undefined)).toBeNull();
   });

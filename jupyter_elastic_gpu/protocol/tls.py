@@ -23,7 +23,7 @@ import os
 import socket
 import ssl
 
-from .wire import recv_frame, send_frame
+from .frames import recv_frame, send_frame
 
 GO_AHEAD = b"T"
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello

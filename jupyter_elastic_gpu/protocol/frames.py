@@ -1,10 +1,9 @@
-"""The data-plane wire format shared by the remote client and the agent.
+"""Framing of the data plane, shared by the remote client, the agent and its control plane.
 
 A frame is ``[u32 header length][u32 buffer count][u64 length per buffer][JSON header][buffers]``.
-The header is plain JSON and buffers are raw tensor bytes described by the header
-(dtype, shape, strides), so nothing on the wire is ever executable: no pickle, no code.
-Values inside op arguments are JSON scalars and lists, plus single-key tagged dicts
-for the few torch types aten schemas take (tensors, dtypes, devices, layouts...).
+The header is plain JSON (one message of ``messages.py``) and buffers are raw tensor bytes
+described by the header (see ``values.py``), so nothing on the wire is ever executable: no
+pickle, no code. This module knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import socket
 import ssl
 import struct
 
-import torch
+from .messages import ProtocolError, error_reply
 
 MAX_HEADER_BYTES = 64 << 20
 MAX_BUFFERS = 1 << 16
@@ -23,44 +22,6 @@ MAX_BUFFERS = 1 << 16
 MAX_BUFFER_BYTES = 64 << 30
 
 _PREFIX = struct.Struct("<II")
-
-
-class ProtocolError(Exception):
-    """A frame or value that does not follow the wire format."""
-
-
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bfloat16,
-        torch.complex64,
-        torch.complex128,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.bool,
-        torch.uint16,
-        torch.uint32,
-        torch.uint64,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-        torch.complex32,
-    )
-}
-DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
-LAYOUTS = {"strided": torch.strided}
-MEMORY_FORMATS = {
-    "contiguous_format": torch.contiguous_format,
-    "channels_last": torch.channels_last,
-    "channels_last_3d": torch.channels_last_3d,
-    "preserve_format": torch.preserve_format,
-}
-MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
 
 
 def encode_frame(header: dict, buffers: list = ()) -> list:
@@ -144,7 +105,7 @@ def send_frame(sock: socket.socket, header: dict, buffers: list = ()) -> None:
 def send_refusal(sock, message: str) -> None:
     """Tell a peer why it is refused (best effort: it may be gone already)."""
     try:
-        send_frame(sock, {"error": {"type": "PermissionError", "message": message, "op": None}})
+        send_frame(sock, error_reply("PermissionError", message))
     except OSError:
         pass
 
@@ -167,26 +128,3 @@ def set_liveness(sock: socket.socket, timeout: float) -> None:
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
-
-def tensor_from_buffer(meta: dict, buf) -> torch.Tensor:
-    """Rebuild a CPU tensor from a described raw buffer, validating every claim."""
-    if not isinstance(meta, dict):
-        raise ProtocolError("tensor description must be an object")
-    dtype = DTYPES.get(meta.get("dtype"))
-    if dtype is None:
-        raise ProtocolError(f"unknown dtype {meta.get('dtype')!r}")
-    shape = meta.get("shape")
-    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-        raise ProtocolError(f"bad tensor shape {shape!r}")
-    numel = 1
-    for s in shape:
-        numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize != len(buf):
-        raise ProtocolError(
-            f"tensor of shape {shape} and dtype {meta['dtype']} needs {numel * itemsize} bytes, "
-            f"buffer has {len(buf)}"
-        )
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -1,0 +1,359 @@
+"""Every data-plane message, declared once: the client builds them, the agent parses them.
+
+A request is a frame header ``{"op": NAME, field: value, ...}`` (see ``frames.py``); each op
+is one frozen dataclass below, and ``parse`` is the one validator both of the agent's readers
+(its main process for a connection's first frame, a session's worker for the rest) call before
+dispatching on the parsed type. Field types are checked exactly (``True`` is no int, ``"0"`` is
+no index), so a handler gets only the shapes it was declared to take. Fields a peer adds that
+are not declared are ignored, as in Jupyter's message spec, so old agents accept new clients.
+
+Op arguments inside ``call`` and ``batch`` are values of ``values.py``'s tagged schema; their
+tensors travel as the frame's raw buffers. Replies are ``{"ok": true, ...}``, an
+``error_reply``, or, under TLS, ``{"handover": "tls"}`` (see ``tls.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Annotated, Any, ClassVar, NamedTuple, Union
+
+
+class ProtocolError(Exception):
+    """A frame or value that does not follow the wire format."""
+
+
+class Op(str, enum.Enum):
+    """The requests of the data plane (the ``op`` of a header)."""
+
+    HELLO = "hello"
+    INVENTORY = "inventory"
+    INTERRUPT = "interrupt"
+    CLOSE = "close"
+    RENEW = "renew"
+    BATCH = "batch"
+    DETACH = "detach"
+    SYNC = "sync"
+    FETCH = "fetch"
+    CALL = "call"
+    MEMORY = "memory"
+    MANUAL_SEED = "manual_seed"
+    GET_RNG_STATE = "get_rng_state"
+    SET_RNG_STATE = "set_rng_state"
+    EMPTY_CACHE = "empty_cache"
+    COMPILE_GRAPH = "compile_graph"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _session_id(v) -> bool:
+    return 0 < len(v) <= 128
+
+
+SessionId = Annotated[str, _session_id, "a session id of 1 to 128 characters"]
+
+
+# -- field checks ----------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _int_list(v) -> bool:
+    if type(v) is not list:
+        return False
+    for x in v:  # a loop, not all(genexpr): this checks every batch record's ids
+        if type(x) is not int:
+            return False
+    return True
+
+
+_CHECKS: dict[Any, tuple] = {
+    str: (lambda v: type(v) is str, "a string"),
+    int: (_is_int, "an integer"),
+    float: (lambda v: type(v) in (int, float), "a number"),
+    bool: (lambda v: type(v) is bool, "a boolean"),
+    list: (lambda v: type(v) is list, "a list"),
+    dict: (lambda v: type(v) is dict, "an object"),
+    list[int]: (_int_list, "a list of integers"),
+}
+
+
+def _checker(hint) -> tuple:
+    """(predicate, description) for a declared field type."""
+    if hint in _CHECKS:
+        return _CHECKS[hint]
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        base, pred, what = typing.get_args(hint)
+        check, _ = _checker(base)
+        return (lambda v: check(v) and pred(v)), what
+    if origin in (Union, types.UnionType):
+        parts = [a for a in typing.get_args(hint) if a is not type(None)]
+        (check, what), nullable = _checker(parts[0]), len(parts) < len(typing.get_args(hint))
+        if len(parts) == 1 and nullable:
+            return (lambda v: v is None or check(v)), f"{what} or null"
+    raise TypeError(f"no wire check for the field type {hint!r}")
+
+
+def _show(v) -> str:
+    return (
+        f"{type(v).__name__} {str(v)[:60]!r}"
+        if not isinstance(v, (list, dict))
+        else (f"{type(v).__name__} of {len(v)}")
+    )
+
+
+class Message:
+    """Base of the declared requests; ``OP`` names the request on the wire."""
+
+    OP: ClassVar[Op]
+    # Requests that expect no reply: their errors are reported at the next sync point.
+    NO_REPLY: ClassVar[bool] = False
+
+    def header(self) -> dict:
+        """The frame header of this request (no copy of argument lists: they are sent as is)."""
+        h = {"op": self.OP.value}
+        for f in dataclasses.fields(self):
+            h[f.name] = getattr(self, f.name)
+        return h
+
+
+MESSAGES: dict[str, type[Message]] = {}
+_SPECS: dict[type, tuple] = {}
+
+
+def message(op: Op, *, no_reply: bool = False):
+    """Declare a request class for ``op`` (a frozen dataclass whose fields are its body)."""
+
+    def declare(cls):
+        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        cls.OP, cls.NO_REPLY = op, no_reply
+        hints = typing.get_type_hints(cls, include_extras=True)
+        _SPECS[cls] = tuple(
+            (
+                f.name,
+                *_checker(hints[f.name]),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)
+        )
+        MESSAGES[op.value] = cls
+        return cls
+
+    return declare
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+@message(Op.HELLO)
+class Hello(Message):
+    """Open (or re-attach) a session; the agent's main process reads it, then its worker."""
+
+    session: SessionId
+    secret: str
+    token: str | None = None  # the broker's lease token (None in open mode)
+    fraction: float | None = None  # asked for in open mode; a token's claim wins
+    pid: int | None = None
+
+
+@message(Op.INVENTORY)
+class Inventory(Message):
+    """The agent's GPUs and sessions (no session needed)."""
+
+
+@message(Op.INTERRUPT)
+class Interrupt(Message):
+    """Drop a session's work queued before ``epoch``; sent beside its data connection."""
+
+    session: str
+    secret: str
+    epoch: int | None = None
+
+
+@message(Op.CLOSE, no_reply=True)
+class Close(Message):
+    """End a session. On its data connection no fields; to the agent, session and secret."""
+
+    session: str | None = None
+    secret: str | None = None
+
+
+@message(Op.RENEW, no_reply=True)
+class Renew(Message):
+    token: str | None = None
+
+
+@message(Op.BATCH, no_reply=True)
+class Batch(Message):
+    """Queued ops (``Run`` and ``Free`` records, in stream order), run without a reply."""
+
+    ops: list
+    free: list[int] = dataclasses.field(default_factory=list)
+    epoch: int = 0
+
+
+@message(Op.DETACH)
+class Detach(Message):
+    """Drain the session's work and give the GPU slice back; its tensors stay."""
+
+
+@message(Op.SYNC)
+class Sync(Message):
+    pass
+
+
+@message(Op.FETCH)
+class Fetch(Message):
+    """The bytes of tensor ``t`` (one buffer in the reply, described by its ``tensor``)."""
+
+    t: int
+
+
+@message(Op.CALL)
+class Call(Message):
+    """Run one op now and describe its result: its outputs depend on data."""
+
+    name: str
+    args: list = dataclasses.field(default_factory=list)
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@message(Op.MEMORY)
+class Memory(Message):
+    pass
+
+
+@message(Op.MANUAL_SEED)
+class ManualSeed(Message):
+    seed: int
+
+
+@message(Op.GET_RNG_STATE)
+class GetRngState(Message):
+    device: int = 0
+
+
+@message(Op.SET_RNG_STATE)
+class SetRngState(Message):
+    """The new state travels as the frame's one buffer."""
+
+    device: int = 0
+
+
+@message(Op.EMPTY_CACHE)
+class EmptyCache(Message):
+    pass
+
+
+@message(Op.COMPILE_GRAPH)
+class CompileGraph(Message):
+    """Compile a captured graph (data, checked by agent/graphs.py) with inductor; answered
+    ``{"ok", "graph": {"handle", "seconds", "cache"}}`` for ``RunGraph`` records."""
+
+    graph: dict
+    mode: str | None = None
+
+
+def parse(header: dict, accept: tuple[type[Message], ...] | None = None) -> Message:
+    """The declared request ``header`` is, checked field by field; ``ProtocolError`` if not.
+
+    ``accept``: the requests this reader serves (others are refused as unknown here)."""
+    op = header.get("op")
+    cls = MESSAGES.get(op) if type(op) is str else None
+    if cls is None or (accept is not None and cls not in accept):
+        raise ProtocolError(f"unknown request {str(op)[:100]!r}")
+    body = {}
+    for name, check, what, required in _SPECS[cls]:
+        if name in header:
+            v = header[name]
+            if not check(v):
+                raise ProtocolError(f"{op}: {name!r} must be {what}, got {_show(v)}")
+            body[name] = v
+        elif required:
+            raise ProtocolError(f"{op} needs {name!r} ({what})")
+    return cls(**body)
+
+
+# -- batch records ---------------------------------------------------------------------------
+
+
+class Run(NamedTuple):
+    """Run op ``name`` on ``args``/``kwargs``; its output tensors get the ids ``out`` (0: an
+    output that is one of its inputs); ``{"cpu": k}`` arguments are buffer ``buf + k``.
+
+    On the wire a JSON array of these five fields (the per-op hot path: no keys)."""
+
+    name: str
+    args: list
+    kwargs: dict
+    out: list
+    buf: int
+
+
+class Free(NamedTuple):
+    """Tensors the client dropped, freed here in stream order (so memory is reused within a
+    batch as on a GPU). On the wire ``{"free": [ids]}``."""
+
+    ids: list
+
+    def wire(self) -> dict:
+        return {"free": self.ids}
+
+
+class RunGraph(NamedTuple):
+    """Run the compiled graph ``handle`` (a ``compile_graph`` answer of this session) on the
+    tensors ``inputs``; its outputs get the ids ``out`` (0: one of its inputs or an earlier
+    output). On the wire ``{"graph": handle, "in": ids, "out": ids}``."""
+
+    handle: str
+    inputs: list
+    out: list
+
+    def wire(self) -> dict:
+        return {"graph": self.handle, "in": self.inputs, "out": self.out}
+
+
+def parse_record(rec) -> list | Free | RunGraph:
+    """One record of a batch's ``ops``: a ``Free``, or a ``Run``'s five fields as the list
+    received (not copied into a ``Run``: this is paid for every op the agent runs). The fields'
+    types are checked; their values are the executor's to judge (unknown op names, ids of
+    other sessions)."""
+    t = type(rec)
+    if t is list and len(rec) == 5:
+        _, args, kwargs, out, buf = rec
+        if type(args) is not list or type(kwargs) is not dict:
+            raise ProtocolError("op arguments must be a list and an object")
+        if not _int_list(out) or type(buf) is not int or buf < 0:
+            raise ProtocolError(f"bad output ids {_show(out)} or buffer base {_show(buf)}")
+        # The name is checked by the op resolver, which names what is wrong with it.
+        return rec
+    if t is dict and len(rec) == 1 and "free" in rec:
+        if not _int_list(rec["free"]):
+            raise ProtocolError(f"free must be a list of ids, got {_show(rec['free'])}")
+        return Free(rec["free"])
+    if t is dict and len(rec) == 3 and {"graph", "in", "out"} <= rec.keys():
+        if type(rec["graph"]) is not str or not _int_list(rec["in"]) or not _int_list(rec["out"]):
+            raise ProtocolError(f"a graph record needs a handle and id lists, got {_show(rec)}")
+        return RunGraph(rec["graph"], rec["in"], rec["out"])
+    raise ProtocolError(
+        'each op must be [name, args, kwargs, out_ids, buffer_base] or {"free": ids}, '
+        f"got {_show(rec)}"
+    )
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+def error_reply(kind: str, message: str, op: str | None = None, **extra) -> dict:
+    """``{"error": {...}}``: ``kind`` is the exception class the client raises (by name),
+    ``op`` the aten op that failed, if one did; ``deferred``/``fatal`` may be added."""
+    return {"error": {"type": kind, "message": message, "op": op, **extra}}
+
+
+HANDOVER_TLS = {"handover": "tls"}
