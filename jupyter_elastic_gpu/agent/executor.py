@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..layouts import CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
-from ..protocol.messages import Free, ProtocolError, parse_record
+from ..protocol.messages import Free, ProtocolError, RunGraph, parse_record
 from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result
 
 # torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
@@ -135,6 +135,7 @@ class SessionExecutor:
         self.in_use = 0
         self.peak = 0
         self.decode = ArgumentDecoder(self.tensors, self.tensor, devices)
+        self.graphs = None  # this session's compiled graphs (agent/graphs.py), if enabled
 
     # -- decoding --------------------------------------------------------------------
     def tensor(self, rid) -> torch.Tensor:
@@ -198,6 +199,9 @@ class SessionExecutor:
             if type(rec) is Free:
                 self.free(rec.ids)
                 continue
+            if type(rec) is RunGraph:
+                self._run_graph(rec)  # a compiled graph (agent/graphs.py), in stream order
+                continue
             name, args, kwargs, outs, base = rec
             if self.cancelled or (i % 8 == 0 and interrupted()):
                 self.cancelled = True
@@ -212,6 +216,20 @@ class SessionExecutor:
                 if self.error is None:
                     self.error = error_payload(e, deferred=True)
         self.free(free)
+
+    def _run_graph(self, rec) -> None:
+        handle, in_ids, out_ids = rec
+        if self.cancelled:
+            self._fail(out_ids)
+            return
+        try:
+            if self.graphs is None:
+                raise ProtocolError("this agent runs no compiled graphs")
+            self.graphs.run(handle, in_ids, out_ids)
+        except Exception as e:
+            self._fail(out_ids)
+            if self.error is None:
+                self.error = error_payload(OpError("compiled graph", e), deferred=True)
 
     def _bound_run_ahead(self) -> None:
         """Keep the GPU fed but never more than ``RUN_AHEAD_SECONDS`` behind the ops issued.

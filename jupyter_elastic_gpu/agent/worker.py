@@ -29,6 +29,7 @@ from ..protocol.fraction import GPUFraction
 from ..protocol.frames import ProtocolError, recv_frame, send_frame, send_refusal
 from ..protocol.tls import GO_AHEAD, server_context
 from ..protocol.values import as_buffer, tensor_from_buffer
+from . import graphs
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
 
@@ -46,6 +47,7 @@ class Worker:
         from . import attention
 
         attention.register(self.device_kind)
+        graphs.configure(self.device_kind)
         self.session = None
         self.devices: list[torch.device] = []
         self.executor: SessionExecutor | None = None
@@ -80,6 +82,7 @@ class Worker:
         else:
             self.devices = [torch.device("cpu")] * max(1, len(gpus))
         self.executor = SessionExecutor(self.devices, OpResolver(self.opts.namespaces.split(",")))
+        self.executor.graphs = graphs.SessionGraphs(self.executor)
 
     # -- device description ---------------------------------------------------------------
     def device_info(self) -> dict:
@@ -393,6 +396,12 @@ class Worker:
             torch.cuda.empty_cache()
         return (self.status(),)
 
+    def _compile_graph(self, msg: m.CompileGraph, bufs):
+        """A graph to compile (agent/graphs.py): its handle, or why it was refused."""
+        self.sync()
+        info = self.executor.graphs.compile(msg.graph, msg.mode, self.device_kind)
+        return (self.status(graph=info),)
+
     HANDLERS = {
         m.Hello: _hello,
         m.Close: _close,
@@ -407,6 +416,7 @@ class Worker:
         m.GetRngState: _get_rng_state,
         m.SetRngState: _set_rng_state,
         m.EmptyCache: _empty_cache,
+        m.CompileGraph: _compile_graph,
     }
     # Served with or without a live lease (a renew brings the lease back to life).
     NEED_NO_LEASE = frozenset({m.Hello, m.Close, m.Renew})

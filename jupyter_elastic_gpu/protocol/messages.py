@@ -43,6 +43,7 @@ class Op(str, enum.Enum):
     GET_RNG_STATE = "get_rng_state"
     SET_RNG_STATE = "set_rng_state"
     EMPTY_CACHE = "empty_cache"
+    COMPILE_GRAPH = "compile_graph"
 
     def __str__(self) -> str:
         return self.value
@@ -100,8 +101,10 @@ def _checker(hint) -> tuple:
 
 
 def _show(v) -> str:
-    return f"{type(v).__name__} {str(v)[:60]!r}" if not isinstance(v, (list, dict)) else (
-        f"{type(v).__name__} of {len(v)}"
+    return (
+        f"{type(v).__name__} {str(v)[:60]!r}"
+        if not isinstance(v, (list, dict))
+        else (f"{type(v).__name__} of {len(v)}")
     )
 
 
@@ -248,6 +251,15 @@ class EmptyCache(Message):
     pass
 
 
+@message(Op.COMPILE_GRAPH)
+class CompileGraph(Message):
+    """Compile a captured graph (data, checked by agent/graphs.py) with inductor; answered
+    ``{"ok", "graph": {"handle", "seconds", "cache"}}`` for ``RunGraph`` records."""
+
+    graph: dict
+    mode: str | None = None
+
+
 def parse(header: dict, accept: tuple[type[Message], ...] | None = None) -> Message:
     """The declared request ``header`` is, checked field by field; ``ProtocolError`` if not.
 
@@ -294,7 +306,20 @@ class Free(NamedTuple):
         return {"free": self.ids}
 
 
-def parse_record(rec) -> list | Free:
+class RunGraph(NamedTuple):
+    """Run the compiled graph ``handle`` (a ``compile_graph`` answer of this session) on the
+    tensors ``inputs``; its outputs get the ids ``out`` (0: one of its inputs or an earlier
+    output). On the wire ``{"graph": handle, "in": ids, "out": ids}``."""
+
+    handle: str
+    inputs: list
+    out: list
+
+    def wire(self) -> dict:
+        return {"graph": self.handle, "in": self.inputs, "out": self.out}
+
+
+def parse_record(rec) -> list | Free | RunGraph:
     """One record of a batch's ``ops``: a ``Free``, or a ``Run``'s five fields as the list
     received (not copied into a ``Run``: this is paid for every op the agent runs). The fields'
     types are checked; their values are the executor's to judge (unknown op names, ids of
@@ -312,6 +337,10 @@ def parse_record(rec) -> list | Free:
         if not _int_list(rec["free"]):
             raise ProtocolError(f"free must be a list of ids, got {_show(rec['free'])}")
         return Free(rec["free"])
+    if t is dict and len(rec) == 3 and {"graph", "in", "out"} <= rec.keys():
+        if type(rec["graph"]) is not str or not _int_list(rec["in"]) or not _int_list(rec["out"]):
+            raise ProtocolError(f"a graph record needs a handle and id lists, got {_show(rec)}")
+        return RunGraph(rec["graph"], rec["in"], rec["out"])
     raise ProtocolError(
         'each op must be [name, args, kwargs, out_ids, buffer_base] or {"free": ids}, '
         f"got {_show(rec)}"

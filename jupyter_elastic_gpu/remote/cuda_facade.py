@@ -14,7 +14,6 @@ import inspect
 import sys
 import time
 import types
-import warnings
 from collections import namedtuple
 
 import torch
@@ -178,19 +177,10 @@ def _autocast_init(fn):
 
 
 def _compile(fn):
-    # torch.compile generates kernels for a local device (and asks the CUDA runtime this
-    # process does not have); "cuda" here is remote and runs eager ops, batched to the agent.
-    # Skipping the compile, loudly, keeps unchanged notebooks running.
-    @functools.wraps(fn)
-    def compile(model=None, **kwargs):
-        warnings.warn(
-            "torch.compile is skipped in a remote-GPU process: the model runs eagerly "
-            "(its ops are batched to the GPU agent)",
-            stacklevel=2,
-        )
-        return (lambda m: m) if model is None else model
+    # torch.compile captures here and compiles on the agent (see remote/compile.py).
+    from .compile import make_compile
 
-    return compile
+    return make_compile(fn)
 
 
 # ---------------------------------------------------------------------------------------

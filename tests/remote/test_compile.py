@@ -1,0 +1,255 @@
+"""``torch.compile`` in a remote-GPU process compiles on the agent and matches eager.
+
+A model compiled here is captured over meta stand-ins, lowered by AOTAutograd, compiled by the
+agent's inductor (the CPU backend on a CPU agent, so CI runs the whole path) and run as one
+batch record per forward or backward. Training a compiled copy must give the eager remote
+copy's losses step for step; what cannot compile falls back to eager with one warning.
+
+CPU inductor compiles take seconds each on a small machine: the models are tiny, and every
+compile the tests need is counted in the module's budget (about six graphs).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.conftest import AGENT_DEVICE
+
+# Inductor fuses and reorders float arithmetic (and uses TF32 on a GPU), so compiled and
+# eager agree to rounding, not bit for bit.
+RTOL = 1e-4 if AGENT_DEVICE == "cpu" else 2e-3
+ATOL = 1e-5 if AGENT_DEVICE == "cpu" else 1e-4
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def compile_agent(tmp_path_factory):
+    from tests.conftest import AgentProcess
+
+    cache = tmp_path_factory.mktemp("inductor-cache")
+    a = AgentProcess(env={"ELASTIC_GPU_COMPILE_CACHE": str(cache)})
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def gpu(compile_agent, own_session):
+    with own_session(compile_agent.address) as sess:
+        yield sess
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.mean((2, 3)))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block with causal attention over token embeddings; like HF
+    models it computes its loss itself, so the loss's gradient comes from the compiled graph."""
+
+    def __init__(self, vocab=32, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        x = x + self.mlp(self.ln2(x))
+        logits = self.head(x)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _train_both(model, make_batch, loss_fn, steps=3):
+    """Train an eager and a compiled remote copy of ``model``; return both loss curves."""
+    eager = copy.deepcopy(model).to("cuda")
+    base = copy.deepcopy(model).to("cuda")
+    compiled = torch.compile(base)
+    curves = {}
+    for name, m, params in (("eager", eager, eager), ("compiled", compiled, base)):
+        # SGD, not Adam: Adam's normalised steps turn rounding-level differences of near-zero
+        # gradients into full-size parameter differences, hiding real ones.
+        opt = torch.optim.SGD(params.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            x, y = make_batch()
+            loss = loss_fn(m, x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves[name] = losses
+    return curves, eager, base, compiled
+
+
+def _no_eager_warning(record):
+    eager = [w for w in record if "runs eagerly" in str(w.message)]
+    assert not eager, eager[0].message
+
+
+def test_compiled_cnn_training_matches_eager_step_for_step(gpu):
+    torch.manual_seed(0)
+
+    def batch():
+        return torch.randn(4, 3, 8, 8, device="cuda"), torch.randint(0, 4, (4,), device="cuda")
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        curves, eager, base, compiled = _train_both(
+            CNN(), batch, lambda m, x, y: F.cross_entropy(m(x), y)
+        )
+    _no_eager_warning(record)
+    torch.testing.assert_close(curves["compiled"], curves["eager"], rtol=RTOL, atol=ATOL)
+    # BatchNorm's running statistics are buffers the compiled graph updates too.
+    torch.testing.assert_close(
+        base.bn.running_mean.cpu(), eager.bn.running_mean.cpu(), rtol=RTOL, atol=ATOL
+    )
+    assert base.bn.num_batches_tracked.item() == 3
+    stats = compiled._compiled.stats
+    assert stats == {"captures": 1, "compiled_calls": 3, "eager_calls": 0}
+    # One forward and one backward graph, each compiled by the agent.
+    assert len(compiled._compiled.compiles) == 2
+
+
+@pytest.mark.slow
+def test_compiled_transformer_block_training_matches_eager(gpu):
+    torch.manual_seed(0)
+
+    def batch():
+        idx = torch.randint(0, 32, (2, 8), device="cuda")
+        return idx, torch.roll(idx, -1, 1)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        curves, eager, base, compiled = _train_both(Block(), batch, lambda m, x, y: m(x, y))
+    _no_eager_warning(record)
+    torch.testing.assert_close(curves["compiled"], curves["eager"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        base.head.weight.cpu(), eager.head.weight.cpu(), rtol=RTOL, atol=ATOL
+    )
+    assert compiled._compiled.stats["compiled_calls"] == 3
+    # Eager attention (remote/sdpa.py's kernels) is back once the capture is over.
+    idx, y = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            eager(idx, y).cpu(), compiled(idx, y).cpu(), rtol=RTOL, atol=ATOL
+        )
+
+
+def test_new_shape_recompiles_and_same_graph_hits_the_cache(gpu, compile_agent, own_session, capfd):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).to("cuda").eval()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for rows in (2, 3, 2):
+            x = torch.randn(rows, 4, device="cuda")
+            torch.testing.assert_close(compiled(x).cpu(), model(x).cpu(), rtol=RTOL, atol=ATOL)
+    c = compiled._compiled
+    assert c.stats["captures"] == 2  # (2, 4) and (3, 4); the second (2, 4) reuses the first
+    assert [i["cache"] for i in c.compiles] == ["miss", "miss"]
+    assert "on the GPU agent in" in capfd.readouterr().err  # the user is told the compile time
+
+    # A second compiled copy in this session: the agent's in-memory cache answers.
+    again = torch.compile(copy.deepcopy(model))
+    with torch.no_grad():
+        again(torch.randn(2, 4, device="cuda"))
+    assert [i["cache"] for i in again._compiled.compiles] == ["memory"]
+
+    # Another session (another worker process) of the agent: inductor's on-disk cache.
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    with own_session(compile_agent.address):
+        other = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        other.load_state_dict(state)
+        other = torch.compile(other.to("cuda").eval())
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            y = other(x.to("cuda")).cpu()
+        assert [i["cache"] for i in other._compiled.compiles] == ["disk"]
+    assert "compile cache" in capfd.readouterr().err
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x.to("cuda")).cpu(), rtol=RTOL, atol=ATOL)
+
+
+class Prints(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        print("forward of", tuple(x.shape))  # a side effect: Dynamo breaks the graph here
+        return self.lin(x).relu()
+
+
+class Item(Prints):
+    def forward(self, x):
+        scale = x.abs().max().item()  # a value only the data knows: no meta graph holds it
+        return self.lin(x) / scale
+
+
+@pytest.mark.parametrize(
+    "cls, reason", [(Prints, "Dynamo could not capture"), (Item, "_local_scalar_dense")]
+)
+def test_graph_break_falls_back_to_eager_with_one_warning(gpu, cls, reason, capfd):
+    torch.manual_seed(0)
+    model = cls().to("cuda")
+    compiled = torch.compile(model)
+    x = torch.randn(3, 4, device="cuda")
+    with pytest.warns(UserWarning, match=f"runs eagerly on the remote GPU .*{reason}"):
+        y = compiled(x)
+    torch.testing.assert_close(y.cpu(), model(x).cpu())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not per call
+        compiled(x).sum().backward()
+    assert model.lin.weight.grad is not None
+    assert compiled._compiled.stats["eager_calls"] == 2
+    assert compiled._compiled.compiles == []  # nothing reached the agent's compiler
+    if cls is Prints:  # the eager fallback keeps the side effect on every call
+        assert capfd.readouterr().out.count("forward of (3, 4)") >= 3
+
+
+def test_decorator_form_and_modes_are_accepted(gpu):
+    @torch.compile(mode="reduce-overhead")
+    def f(x, y):
+        return x * y + 1
+
+    x = torch.randn(3, device="cuda")
+    assert f.__name__ == "f"
+    torch.testing.assert_close(f(x, x).cpu(), (x * x + 1).cpu())
+    assert f.stats["compiled_calls"] == 1
+    with pytest.warns(UserWarning, match="only the default"):
+        g = torch.compile(lambda x: x, backend="eager")
+    assert g(x) is x
+    with pytest.raises(RuntimeError, match="Unrecognized mode"):
+        torch.compile(lambda x: x, mode="fastest")
+    assert torch.compile(f, disable=True) is f
+
+
+def test_cpu_tensors_run_eagerly(gpu):
+    model = nn.Linear(3, 2)  # never moved to the GPU
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match="not all on the remote GPU"):
+        torch.testing.assert_close(compiled(x), model(x))

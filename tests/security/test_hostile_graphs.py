@@ -1,0 +1,155 @@
+"""Hostile compiled graphs are refused with a clear error, and the agent keeps serving.
+
+A graph is data the agent turns into an ``fx.Graph`` itself (agent/graphs.py): every node
+must be an allow-listed torch op or ``getitem`` on a multi-result op, every argument a
+constant, a tag or a reference to an earlier value. The validator is checked in process;
+one test sends hostile graphs through a real agent and then uses it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from jupyter_elastic_gpu.agent.executor import OpResolver
+from jupyter_elastic_gpu.agent.graphs import GraphRefused, _Checker
+
+F32 = {"dtype": "float32", "shape": [2, 2], "stride": [2, 1]}
+GOOD = {
+    "inputs": [F32, F32],
+    "nodes": [
+        {"op": "aten::mm.default", "args": [{"n": 0}, {"n": 1}], "kwargs": {}},
+        {"op": "aten::relu.default", "args": [{"n": 2}], "kwargs": {}},
+    ],
+    "outputs": [{"n": 3}],
+}
+
+
+def check(graph, cap=1 << 30):
+    return _Checker(OpResolver(), cap).graph(graph)
+
+
+def with_node(**node):
+    g = copy.deepcopy(GOOD)
+    g["nodes"][1] = {"op": "aten::relu.default", "args": [{"n": 2}], "kwargs": {}, **node}
+    return g
+
+
+def test_a_well_formed_graph_is_rebuilt_from_allow_listed_ops_only():
+    gm = check(GOOD)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.aten.mm.default, torch.ops.aten.relu.default]
+    a, b = torch.randn(2, 2), torch.randn(2, 2)
+    torch.testing.assert_close(gm(a, b)[0], (a @ b).relu())
+
+
+@pytest.mark.parametrize(
+    "op, message",
+    [
+        ("aten::no_such_op.default", "unknown op"),
+        ("builtins::eval.default", "outside the allowed namespaces"),
+        ("operator::add.default", "outside the allowed namespaces"),
+        ("os.system", "malformed op name"),
+        ("aten::__getattribute__.default", "not allowed"),
+        ("aten::relu.__call__", "not allowed"),
+        ("torch.Tensor.__reduce_ex__", "malformed op name"),
+        ("aten::from_file.default", "not allowed"),
+        ("aten::set_.source_Tensor", "not allowed"),
+        ("aten::relu_.default", "writes to its arguments"),
+        ("aten::add.out", "writes to its arguments"),
+        ({"py": "builtins.exec"}, "malformed op name"),
+    ],
+)
+def test_nodes_that_are_not_allow_listed_pure_ops_are_refused(op, message):
+    with pytest.raises(GraphRefused, match=message):
+        check(with_node(op=op))
+
+
+def test_getitem_only_indexes_results_of_multi_result_ops():
+    with pytest.raises(GraphRefused, match="only to an op with several results"):
+        check(with_node(op="getitem", args=[{"n": 2}, 0]))  # mm has one result
+    with pytest.raises(GraphRefused, match=r"takes \(node, int\)"):
+        check(with_node(op="getitem", args=[{"n": 2}, "__class__"]))
+
+    def max_then(index):
+        g = copy.deepcopy(GOOD)
+        g["nodes"] = [
+            {"op": "aten::max.dim", "args": [{"n": 0}, 1], "kwargs": {}},  # (values, indices)
+            {"op": "getitem", "args": [{"n": 2}, index], "kwargs": {}},
+        ]
+        return g
+
+    check(max_then(1))
+    with pytest.raises(GraphRefused, match="out of range"):
+        check(max_then(2))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([{"n": 3}], "names no earlier value"),  # itself: a cycle
+        ([{"n": 7}], "names no earlier value"),  # a forward reference
+        ([{"n": -1}], "names no earlier value"),
+        ([{"n": "0"}], "names no earlier value"),
+        ([{"py": "os.system", "args": ["id"]}], "unknown tagged value"),
+        ([{"t": 1}], "unknown tagged value"),  # session tensor ids have no place in a graph
+        ([[[[[[[[1]]]]]]]], "nested too deep"),
+        ([list(range(5000))], "too long"),
+        (["x" * 1000], "string constant too long"),
+    ],
+)
+def test_arguments_other_than_constants_and_earlier_values_are_refused(args, message):
+    with pytest.raises(GraphRefused, match=message):
+        check(with_node(args=args))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"dtype": "float32", "shape": [1 << 20, 1 << 20], "stride": [1 << 20, 1]}, "claim more"),
+        ({"dtype": "float32", "shape": [1 << 50], "stride": [1]}, "bad shape"),
+        ({"dtype": "float32", "shape": [-1], "stride": [1]}, "bad shape"),
+        ({"dtype": "float32", "shape": [1] * 40, "stride": [1] * 40}, "bad shape"),
+        ({"dtype": "float32", "shape": [2, 2], "stride": [1]}, "differ in length"),
+        ({"dtype": "object", "shape": [2], "stride": [1]}, "unknown dtype"),
+        ({"dtype": "float32", "shape": [2], "stride": [1], "data": "..."}, "expected an object"),
+    ],
+)
+def test_inputs_with_huge_or_malformed_claimed_shapes_are_refused(spec, message):
+    g = copy.deepcopy(GOOD)
+    g["inputs"][0] = spec
+    with pytest.raises(GraphRefused, match=message):
+        check(g)
+
+
+def test_oversized_graphs_and_foreign_fields_are_refused():
+    big = copy.deepcopy(GOOD)
+    big["nodes"] = [GOOD["nodes"][0]] * 20_001
+    with pytest.raises(GraphRefused, match="too large"):
+        check(big)
+    with pytest.raises(GraphRefused, match="exactly inputs, nodes and outputs"):
+        check({**GOOD, "code": "import os"})
+    with pytest.raises(GraphRefused, match="names no earlier value"):
+        check({**GOOD, "outputs": [{"n": 99}]})
+
+
+def test_hostile_graphs_through_a_real_agent_leave_it_serving(agent, own_session):
+    from jupyter_elastic_gpu.protocol.messages import RunGraph
+    from jupyter_elastic_gpu.remote.compile import _enqueue
+
+    with own_session(agent.address) as sess:
+        x = torch.ones(3, device="cuda")
+        for graph in (with_node(op="builtins::eval.default"), with_node(args=[{"n": 9}]), 7):
+            with pytest.raises(Exception, match="refused|graph is an object"):
+                sess.request({"op": "compile_graph", "graph": graph, "mode": None})
+        with pytest.raises(Exception, match="unknown compile mode"):
+            sess.request({"op": "compile_graph", "graph": GOOD, "mode": "rm -rf"})
+        # A graph record naming a handle this session never compiled.
+        _enqueue(sess, RunGraph("0" * 64, [x._rid], [sess.new_id()]).wire())
+        with pytest.raises(Exception, match="unknown graph handle"):
+            sess.synchronize()
+        assert (x + 1).sum().item() == 6.0  # the session goes on
+    with own_session(agent.address):  # and so do others
+        assert torch.full((2,), 2.0, device="cuda").sum().item() == 4.0
