@@ -994,8 +994,34 @@ def _reduce_for_child(t):
     return (_rebuild_cpu, (raw, local.dtype, tuple(local.shape), t.requires_grad))
 
 
+class _GeneratorKind(type(torch._C.Generator)):
+    # Every generator torch makes (torch.default_generator, a DataLoader's) is a
+    # torch._C.Generator: isinstance/issubclass against the replacement still say so.
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, torch._C.Generator)
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, torch._C.Generator)
+
+
+class Generator(torch._C.Generator, metaclass=_GeneratorKind):
+    """``torch.Generator``: CPU generators as ever; a CUDA one gets a plain error (torch's
+    own would be about a missing ATen_cuda library)."""
+
+    def __new__(cls, device="cpu"):
+        if torch.device(device).type in ("cuda", BACKEND):
+            raise RuntimeError(
+                f"{_no_local_gpu('torch.Generator(device=' + repr(str(device)) + ')')}. Draw "
+                "from a CPU generator and move the result (torch.randn(..., generator="
+                "torch.Generator().manual_seed(0)).to('cuda')), or seed the GPU's own stream "
+                "with torch.manual_seed / torch.cuda.manual_seed."
+            )
+        return super().__new__(cls, device)
+
+
 def install(session) -> None:
     backend.register_backend(_device_module())
+    _set(torch, "Generator", Generator)
     session.devices = [torch.device(BACKEND, i) for i in range(GPUFraction(session.fraction).gpus)]
     for owner, name, new in _cuda_plan():
         _set(owner, name, new)

@@ -48,3 +48,15 @@ def test_data_parallel_over_more_gpus_than_the_session_has_is_a_clear_error(remo
     with pytest.raises(RuntimeError, match=r"invalid device ordinal 1|DataParallel over 2 devices"):
         dp = torch.nn.DataParallel(model, device_ids=[0, 1])
         dp(torch.randn(4, 3, device="cuda"))
+
+
+def test_a_cuda_generator_is_a_plain_error_and_cpu_generators_are_unchanged(remote):
+    with pytest.raises(RuntimeError, match=r"torch.Generator\(device='cuda'\) is not available"):
+        torch.Generator(device="cuda")
+    g = torch.Generator().manual_seed(3)
+    assert isinstance(g, torch.Generator) and isinstance(torch.default_generator, torch.Generator)
+    assert torch.equal(
+        torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(3))
+    )
+    x = torch.randn(4, generator=torch.Generator("cpu").manual_seed(0)).to("cuda")
+    assert x.is_cuda
