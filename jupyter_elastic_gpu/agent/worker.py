@@ -126,6 +126,11 @@ class Worker:
 
     # -- control from the agent ---------------------------------------------------------
     def on_control(self):
+        # select() may have reported a message that a batch's interrupt poll has since read
+        # (both sockets ready at once, the client's handled first): a blocking read here would
+        # then hang the session until the agent's next command.
+        if not select.select([self.ctl], [], [], 0)[0]:
+            return
         msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 1 << 20, 4)
         if not msg:
             self.shutdown("the agent process went away")

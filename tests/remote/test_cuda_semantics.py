@@ -98,24 +98,6 @@ def test_python_lists_index_like_tensors(remote):
     assert [p.tolist() for p in parts] == [[0, 1], [2, 3, 4], [5, 6]]
 
 
-def test_torch_compile_runs_the_model_eagerly_with_a_warning(remote):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    x = torch.randn(5, 4)
-    expected = model(x)
-    with pytest.warns(UserWarning, match="torch.compile is skipped"):
-        compiled = torch.compile(model.cuda(), mode="max-autotune")
-    assert torch.allclose(compiled(x.cuda()).cpu(), expected, atol=1e-6)
-
-    with pytest.warns(UserWarning):
-
-        @torch.compile(fullgraph=True)
-        def f(a):
-            return (a * 2).sum()
-
-    assert f(torch.ones(3, device="cuda")).item() == 6.0
-
-
 def test_pinned_memory_and_dataloader_pin_memory_work(remote):
     """Pinning serves a local GPU's DMA; with a remote GPU it is a plain copy, so
     DataLoader(pin_memory=True) and .pin_memory() in unchanged notebooks run."""
