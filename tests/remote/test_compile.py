@@ -169,7 +169,8 @@ def test_new_shape_recompiles_and_same_graph_hits_the_cache(gpu, compile_agent, 
             torch.testing.assert_close(compiled(x).cpu(), model(x).cpu(), rtol=RTOL, atol=ATOL)
     c = compiled._compiled
     assert c.stats["captures"] == 2  # (2, 4) and (3, 4); the second (2, 4) reuses the first
-    assert [i["cache"] for i in c.compiles] == ["miss", "miss"]
+    # Two compiles; inductor's host-wide disk cache may already hold them (an earlier run).
+    assert len(c.compiles) == 2 and {i["cache"] for i in c.compiles} <= {"miss", "disk"}
     assert "on the GPU agent in" in capfd.readouterr().err  # the user is told the compile time
 
     # A second compiled copy in this session: the agent's in-memory cache answers.
