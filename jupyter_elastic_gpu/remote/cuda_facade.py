@@ -523,18 +523,16 @@ def set_rng_state_all(new_states) -> None:
 class Stream:
     """A CUDA stream of the remote GPU: every stream is the session's one in-order queue."""
 
-    # Class-level as on torch's stream type (its members are descriptors there): code and
-    # tests that look them up on the class find them.
-    device_index: int = 0
-    device_type: int = 1  # c10::DeviceType::CUDA
-    stream_id: int = 0
-    priority: int = 0
+    # Data descriptors on the class, as on torch's stream type (torch 2.11 defines them with
+    # getset descriptors): code that looks them up on the class finds them, and they can be set.
+    device_index = property(lambda s: s._index, lambda s, v: setattr(s, "_index", v))
+    device_type = property(lambda s: 1)  # c10::DeviceType::CUDA
+    stream_id = property(lambda s: 0)
+    priority = property(lambda s: s._priority)
 
     def __init__(self, device=None, priority=0, **kwargs):
-        self.device_index = _index(device)
-        self.priority = priority
-        self.device_type = 1  # c10::DeviceType::CUDA
-        self.stream_id = 0
+        self._index = _index(device)
+        self._priority = priority
 
     @property
     def device(self):
