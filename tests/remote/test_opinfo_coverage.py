@@ -33,7 +33,10 @@ def test_opinfo_float32_pass_rate_holds_the_baseline(agent, tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
-    baseline = json.loads((HERE / "opinfo_baseline.json").read_text())["float32"]["pass_rate"]
+    baselines = json.loads((HERE / "opinfo_baseline.json").read_text())
+    # A CUDA agent is compared with the CPU reference too: CUDA-vs-CPU semantics (no CUDA
+    # histogram, fused attention's rounding, eval-mode batch-norm statistics) cost it a little.
+    baseline = baselines.get(f"float32-{AGENT_DEVICE}", baselines["float32"])["pass_rate"]
     artifacts = Path(os.environ.get("ELASTIC_GPU_ARTIFACTS", "test-artifacts"))
     artifacts.mkdir(exist_ok=True)
     (artifacts / f"opinfo-coverage-{AGENT_DEVICE}.md").write_text(md.read_text())
