@@ -523,9 +523,9 @@ def set_rng_state_all(new_states) -> None:
 class Stream:
     """A CUDA stream of the remote GPU: every stream is the session's one in-order queue."""
 
-    # Data descriptors on the class, as on torch's stream type (torch 2.11 defines them with
-    # getset descriptors): code that looks them up on the class finds them, and they can be set.
-    device_index = property(lambda s: s._index, lambda s, v: setattr(s, "_index", v))
+    # Read-only data descriptors on the class, as on torch's stream type (torch 2.11 defines
+    # them with getset descriptors): code that looks them up on the class finds them.
+    device_index = property(lambda s: s._index)
     device_type = property(lambda s: 1)  # c10::DeviceType::CUDA
     stream_id = property(lambda s: 0)
     priority = property(lambda s: s._priority)
