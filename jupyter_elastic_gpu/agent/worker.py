@@ -17,7 +17,6 @@ import select
 import selectors
 import signal
 import socket
-import ssl
 import sys
 import time
 
@@ -26,9 +25,9 @@ import torch
 from ..lifecycle import exit_with_parent
 from ..protocol import messages as m
 from ..protocol.fraction import GPUFraction
-from ..protocol.frames import ProtocolError, recv_frame, send_frame, send_refusal
+from ..protocol.frames import FrameReader, ProtocolError, recv_frame, send_frame, send_refusal
 from ..protocol.tls import GO_AHEAD, server_context
-from ..protocol.values import as_buffer, tensor_from_buffer
+from ..protocol.values import as_buffer, host_buffer, tensor_from_buffer
 from . import graphs
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
@@ -59,6 +58,7 @@ class Worker:
         self.fraction = 0.0
         self.cap_bytes = 0
         self.client: socket.socket | None = None
+        self.reader: FrameReader | None = None
         self.fatal = False
         self.cancel_epoch = 0  # batches of an older epoch than this were interrupted
         self.batch_epoch = 0
@@ -158,6 +158,7 @@ class Worker:
                 self.sel.unregister(self.client)
                 self.client.close()
             self.client = conn
+            self.reader = FrameReader(conn, self.receive_buffer)
             self.sel.register(self.client, selectors.EVENT_READ, "client")
             self.on_hello(hello)
         elif cmd["cmd"] == "stop":
@@ -267,17 +268,22 @@ class Worker:
         except OSError:
             self.drop_client()
 
+    def receive_buffer(self, nbytes: int):
+        # Uploads land in pinned memory on a CUDA worker, so their copy to the GPU can run
+        # asynchronously (see SessionExecutor.run); the caching host allocator reuses it.
+        return host_buffer(nbytes, pin=self.device_kind == "cuda")
+
     def drop_client(self):
         if self.client is not None:
             self.sel.unregister(self.client)
             self.client.close()
-            self.client = None
+            self.client = self.reader = None
         self.attached = False
         self.notify(event="disconnected")
 
     def on_client(self):
         try:
-            header, bufs = recv_frame(self.client)
+            header, bufs = self.reader.recv()
         except ProtocolError as e:
             # The stream cannot be trusted after a bad frame: say why, then hang up.
             self.reply(m.error_reply("ProtocolError", str(e)))
@@ -494,8 +500,8 @@ class Worker:
 
     def serve(self):
         while True:
-            # TLS may hold a decrypted next frame that select() cannot see.
-            while isinstance(self.client, ssl.SSLSocket) and self.client.pending():
+            # The reader (or TLS) may hold a next frame that select() cannot see.
+            while self.reader is not None and self.reader.buffered():
                 self.on_client()
             for key, _ in self.sel.select():
                 if key.data == "ctl":

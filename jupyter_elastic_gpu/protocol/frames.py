@@ -72,7 +72,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def recv_frame(sock: socket.socket) -> tuple[dict, list[bytearray]]:
-    """Read one frame from a blocking socket."""
+    """Read one frame from a blocking socket, not a byte more (for a connection's first frame,
+    after which the socket may change hands)."""
     hlen, nbuf = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
     check_prefix(hlen, nbuf)
     lengths = struct.unpack(f"<{nbuf}Q", _recv_exact(sock, 8 * nbuf)) if nbuf else ()
@@ -81,11 +82,96 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[bytearray]]:
     return header, [_recv_exact(sock, n) for n in lengths]
 
 
+class FrameReader:
+    """Reads a stream of frames through one reused buffer.
+
+    One ``recv`` usually brings a whole small frame, or several (a batch and the sync request
+    behind it arrive together), where ``recv_frame`` makes four system calls per frame. A
+    payload too big for the buffer is received straight into memory from ``alloc(nbytes)``,
+    which returns the payload object and a writable buffer onto its memory (a tensor and its
+    numpy view: pinned host memory on a CUDA worker), never zero-filled or copied again. Only the reader's owner may read the socket from then on: it may hold bytes of
+    the next frame."""
+
+    CHUNK = 1 << 18
+
+    def __init__(self, sock, alloc=None):
+        self.sock, self.alloc = sock, alloc or _bytearray
+        self.buf = bytearray(self.CHUNK)
+        self.start = self.end = 0
+
+    def buffered(self) -> bool:
+        """Bytes of a next frame are already here, where ``select()`` cannot see them."""
+        return self.end > self.start or (
+            isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+        )
+
+    def _fill(self, need: int) -> None:
+        """Make ``need`` bytes available at ``self.start`` (``need`` <= the buffer's size)."""
+        if self.start + need > len(self.buf):  # no room behind: move the tail to the front
+            tail = self.end - self.start
+            self.buf[:tail] = self.buf[self.start:self.end]
+            self.start, self.end = 0, tail
+        view = memoryview(self.buf)
+        while self.end - self.start < need:
+            k = self.sock.recv_into(view[self.end:])
+            if k == 0:
+                raise ConnectionError("connection closed by peer")
+            self.end += k
+
+    def _take(self, n: int) -> bytes:
+        if n > len(self.buf):  # a large header (up to MAX_HEADER_BYTES): grow for it
+            self.buf.extend(bytes(n - len(self.buf)))
+        self._fill(n)
+        self.start += n
+        return bytes(memoryview(self.buf)[self.start - n:self.start])
+
+    def _payload(self, n: int):
+        if n <= self.CHUNK >> 2 and self.alloc is _bytearray:
+            return bytearray(self._take(n))  # small: a copy out of the buffer beats a recv
+        dst, raw = self.alloc(n)
+        view = memoryview(raw).cast("B")
+        have = min(n, self.end - self.start)
+        view[:have] = memoryview(self.buf)[self.start:self.start + have]
+        self.start += have
+        while have < n:
+            k = self.sock.recv_into(view[have:], n - have)
+            if k == 0:
+                raise ConnectionError("connection closed by peer")
+            have += k
+        return dst
+
+    def recv(self) -> tuple[dict, list]:
+        """The next frame: its header and its payloads (from ``alloc`` when large)."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        hlen, nbuf = _PREFIX.unpack(self._take(_PREFIX.size))
+        check_prefix(hlen, nbuf)
+        lengths = struct.unpack(f"<{nbuf}Q", self._take(8 * nbuf)) if nbuf else ()
+        check_lengths(lengths)
+        header = decode_header(self._take(hlen))
+        return header, [self._payload(n) for n in lengths]
+
+
+def _bytearray(n: int):
+    b = bytearray(n)
+    return b, b
+
+
 def send_frame(sock: socket.socket, header: dict, buffers: list = ()) -> None:
-    parts = encode_frame(header, buffers)
+    send_frames(sock, [encode_frame(header, buffers)])
+
+
+def send_frames(sock: socket.socket, frames: list) -> None:
+    """Send encoded frames (``encode_frame``'s pieces) back to back, in one system call where
+    the socket takes them all: a batch and the request that waits on it cost one wake-up of
+    the peer, not two."""
+    parts = [p for f in frames for p in f]
     if isinstance(sock, ssl.SSLSocket):  # no sendmsg under TLS; each write is its own record
-        small = sum(len(p) for p in parts) <= 1 << 20
-        for p in [b"".join(parts)] if small else [b"".join(parts[:2]), *parts[2:]]:
+        small = [p for p in parts if len(p) < 1 << 20]
+        if len(small) == len(parts):
+            sock.sendall(b"".join(parts))
+            return
+        for p in parts:
             sock.sendall(p)
         return
     # sendmsg straight from the tensors' memory: no joined copy of large payloads, and a

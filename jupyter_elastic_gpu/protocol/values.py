@@ -72,15 +72,56 @@ def tensor_from_buffer(meta: dict, buf) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize != len(buf):
+    itemsize = dtype.itemsize
+    nbytes = buf.nbytes if isinstance(buf, torch.Tensor) else len(buf)
+    if numel * itemsize != nbytes:
         raise ProtocolError(
             f"tensor of shape {shape} and dtype {meta['dtype']} needs {numel * itemsize} bytes, "
-            f"buffer has {len(buf)}"
+            f"buffer has {nbytes}"
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
+    if isinstance(buf, torch.Tensor):  # host_buffer's: a view keeps its (pinned) storage
+        return buf.view(dtype).view(shape)
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+_MADV_HUGEPAGE = 14
+_HUGE = 2 << 20
+_libc = None
+
+
+def host_buffer(nbytes: int, pin: bool = False):
+    """Memory for a received payload, as ``FrameReader``'s ``alloc``: a uint8 tensor and a
+    writable view of it.
+
+    Pinned memory (a CUDA worker) comes from torch's caching host allocator: reused across
+    frames, and a non-blocking copy out of it keeps its block until the GPU has read it.
+    Pageable memory is fresh from the kernel, and faulting it in 4 KiB pages costs more than
+    the copy off the socket: transparent huge pages are asked for, where the system offers
+    them on request, so a large payload takes a few hundred faults, not tens of thousands."""
+    t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    if not pin and nbytes >= 2 * _HUGE:
+        _advise_huge(t.data_ptr(), nbytes)
+    return t, t.numpy()
+
+
+def _advise_huge(ptr: int, nbytes: int) -> None:
+    global _libc
+    if _libc is False:
+        return
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        start = -(-ptr // _HUGE) * _HUGE  # whole huge pages inside the allocation only
+        end = (ptr + nbytes) // _HUGE * _HUGE
+        if end > start:
+            _libc.madvise(start, end - start, _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        _libc = False  # no libc madvise here: plain pages, as before
 
 
 def as_buffer(t: torch.Tensor):

@@ -20,6 +20,7 @@ import torch
 
 from ..protocol import messages as wire
 from ..protocol.fraction import GPUFraction
+from ..protocol.values import tensor_from_buffer
 from . import backend
 from .backend import BACKEND
 
@@ -495,7 +496,7 @@ def initial_seed() -> int:
 @_cuda
 def get_rng_state(device="cuda") -> torch.Tensor:
     _, bufs = _sess().request(wire.GetRngState(device=_index(device)).header())
-    return torch.frombuffer(bufs[0], dtype=torch.uint8).clone()
+    return tensor_from_buffer({"dtype": "uint8", "shape": [len(bufs[0])]}, bufs[0]).clone()
 
 
 @_cuda

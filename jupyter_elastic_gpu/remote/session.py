@@ -23,13 +23,17 @@ import torch
 from ..protocol import messages as m
 from ..protocol import tls
 from ..protocol.client import interrupt_session, parse_address
-from ..protocol.frames import recv_frame, send_frame, set_liveness
-from ..protocol.values import as_buffer, decode_result, tensor_from_buffer
+from ..protocol.frames import FrameReader, encode_frame, send_frame, send_frames, set_liveness
+from ..protocol.values import as_buffer, decode_result, host_buffer, tensor_from_buffer
 from . import backend
 
 BATCH_MAX_OPS = 512
 BATCH_MAX_BYTES = 8 << 20
 FLUSH_INTERVAL = 0.002
+# An upload is sent later than the op that asked for it, so the user may change the CPU
+# tensor meanwhile. Smaller ones are copied at once (cheap); larger ones go out before the op
+# returns, straight from the user's memory, as a copy from pageable memory to a GPU does.
+UPLOAD_COPY_BYTES = 1 << 20
 
 _ERRORS = {
     "OutOfMemoryError": torch.OutOfMemoryError,
@@ -141,25 +145,37 @@ class RemoteSession:
             # and the agent validates every record it receives (messages.parse_record).
             self._pending.append([_op_name(func), eargs, ekwargs, ids, len(self._bufs)])
             self.stats["ops"] += 1
+            send_now = False
             if bufs:
+                for i, b in enumerate(bufs):
+                    if b.nbytes < UPLOAD_COPY_BYTES:
+                        bufs[i] = b.clone()
+                    else:
+                        send_now = True
+                    self._buf_bytes += b.nbytes
                 self._bufs.extend(bufs)
-                self._buf_bytes += sum(b.nbytes for b in bufs)
-            if len(self._pending) >= BATCH_MAX_OPS or self._buf_bytes >= BATCH_MAX_BYTES:
+            if send_now or len(self._pending) >= BATCH_MAX_OPS or self._buf_bytes >= BATCH_MAX_BYTES:
                 self._flush()
 
-    def _flush(self) -> None:
+    def _batch_frame(self) -> list | None:
+        """The queued ops as one encoded batch frame (None if nothing is queued)."""
         if not self._pending and not self.freed:
-            return
+            return None
         if self.sock is None:  # nothing was ever sent: frees need no agent
             self.freed.clear()
-            return
+            return None
         freed, self.freed = self.freed, []
         header = m.Batch(ops=self._pending, free=freed, epoch=self.epoch).header()
         self.stats["batches"] += 1
         self.stats["bytes_up"] += self._buf_bytes
         bufs = [as_buffer(b) for b in self._bufs]
         self._pending, self._bufs, self._buf_bytes = [], [], 0
-        self._send(header, bufs)
+        return encode_frame(header, bufs)
+
+    def _flush(self) -> None:
+        frame = self._batch_frame()
+        if frame is not None:
+            self._send_frames([frame])
 
     def _flush_loop(self) -> None:
         while not self._closed:
@@ -177,8 +193,11 @@ class RemoteSession:
                     self._lock.release()
 
     def _send(self, header, bufs=()):
+        self._send_frames([encode_frame(header, bufs)])
+
+    def _send_frames(self, frames):
         try:
-            send_frame(self.sock, header, bufs)
+            send_frames(self.sock, frames)
         except OSError as e:
             self._broken(e)
         except KeyboardInterrupt:
@@ -211,9 +230,14 @@ class RemoteSession:
         if not self.attached:
             self.attach()
         with self._lock:
-            self._flush()
+            batch = self._batch_frame()
+            if self._owed_replies and batch is not None:
+                self._send_frames([batch])
+                batch = None
             self._drain_owed()
-            self._send(header, bufs)
+            # The queued ops and the request that waits on them leave in one write.
+            request = encode_frame(header, bufs)
+            self._send_frames([batch, request] if batch is not None else [request])
             self.stats["requests"] += 1
             self._owed_replies += 1
             try:
@@ -250,9 +274,11 @@ class RemoteSession:
 
     @staticmethod
     def _receive(sock, inbox):
+        # Fetched tensors land in memory the user then owns (fresh, huge pages where offered).
+        reader = FrameReader(sock, host_buffer)
         while True:
             try:
-                inbox.put(recv_frame(sock))
+                inbox.put(reader.recv())
             except BaseException as e:  # EOF, reset, or a bad frame: the connection is over
                 inbox.put(e)
                 return

@@ -5,11 +5,19 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
 import torch
 
 from jupyter_elastic_gpu.agent import executor as ex_mod
 from jupyter_elastic_gpu.agent.executor import SessionExecutor
-from jupyter_elastic_gpu.protocol.frames import recv_frame, send_frame
+from jupyter_elastic_gpu.protocol.frames import (
+    FrameReader,
+    encode_frame,
+    recv_frame,
+    send_frame,
+    send_frames,
+)
+from jupyter_elastic_gpu.protocol.values import host_buffer, tensor_from_buffer
 
 
 def test_a_frame_larger_than_the_socket_buffer_arrives_whole_and_in_order():
@@ -28,6 +36,57 @@ def test_a_frame_larger_than_the_socket_buffer_arrives_whole_and_in_order():
     header, bufs = got["frame"]
     assert header == {"op": "batch", "n": 5}
     assert [bytes(x) for x in bufs] == [p.tobytes() for p in payloads]
+
+
+def test_the_frame_reader_splits_a_stream_of_frames_however_the_bytes_arrive():
+    """Frames sent back to back in one write (a batch and its sync request), small and large
+    payloads, a header bigger than the reader's buffer: each comes out whole, in order, and
+    large payloads land in the memory ``alloc`` gave."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    big = torch.arange(3 << 18, dtype=torch.float32)  # 3 MiB: past the reader's buffer
+    frames = [
+        ({"op": "batch", "i": 0}, [torch.arange(5).numpy(), big.numpy()]),
+        ({"op": "fetch", "i": 1}, []),
+        ({"op": "batch", "pad": "x" * (FrameReader.CHUNK + 5)}, [b"", b"tail"]),
+    ]
+    got = []
+
+    def read():
+        reader = FrameReader(b, host_buffer)
+        got.extend(reader.recv() for _ in frames)
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        send_frames(a, [encode_frame(h, bufs) for h, bufs in frames])
+        t.join(30)
+    finally:
+        a.close()
+        b.close()
+    assert [h for h, _ in got] == [h for h, _ in frames]
+    small, large = got[0][1]
+    assert isinstance(large, torch.Tensor)  # host memory from alloc, viewed without a copy
+    assert torch.equal(tensor_from_buffer({"dtype": "float32", "shape": [3 << 18]}, large), big)
+    assert torch.equal(
+        tensor_from_buffer({"dtype": "int64", "shape": [5]}, small), torch.arange(5)
+    )
+    assert [bytes(x.numpy()) if isinstance(x, torch.Tensor) else bytes(x) for x in got[2][1]] == [
+        b"",
+        b"tail",
+    ]
+
+
+def test_a_frame_reader_reports_a_peer_that_hangs_up_mid_frame():
+    a, b = socket.socketpair()
+    whole = b"".join(bytes(p) for p in encode_frame({"op": "sync"}, [b"abcdef"]))
+    a.sendall(whole[:-3])
+    a.close()
+    try:
+        with pytest.raises(ConnectionError):
+            FrameReader(b).recv()
+    finally:
+        b.close()
 
 
 class FakeEvent:

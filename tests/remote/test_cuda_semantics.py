@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -53,6 +54,24 @@ def test_values_round_trip_exactly(remote):
     assert r.stride() == t.stride() and torch.equal(r.cpu(), t)
     assert torch.equal(torch.empty(0, 3).cuda().cpu(), torch.empty(0, 3))
     assert torch.tensor(3.5).cuda().item() == 3.5
+
+
+def test_an_upload_copies_the_cpu_tensor_as_it_was_when_the_op_ran(remote):
+    """A copy to the GPU takes the data of that moment, as from pageable memory on CUDA: a
+    buffer the program refills right after (a staging tensor, a reused batch) must not leak
+    its later contents into earlier uploads, small or large."""
+    for n in (4, 1 << 19):  # below and above the size that is sent at once
+        staging = torch.zeros(n)
+        sent = []
+        for i in range(3):
+            staging.fill_(i)
+            sent.append(staging.to("cuda"))
+            dst = torch.empty(n, device="cuda")
+            dst.copy_(staging)
+            sent.append(dst)
+        staging.fill_(99)
+        assert [float(x[0]) for x in sent] == [0, 0, 1, 1, 2, 2], n
+        assert [float(x[-1]) for x in sent] == [0, 0, 1, 1, 2, 2], n
 
 
 def test_printing_shows_values_and_device(remote):
@@ -241,16 +260,25 @@ def test_cpu_scalars_mix_with_remote_tensors(remote):
 def test_ops_are_batched_not_sent_one_by_one(remote):
     sess = remote
     sent = []
-    orig = sess._send
-    sess._send = lambda h, b=(): (sent.append(h.get("op")), orig(h, b))[1]
+    orig = sess._send_frames
+    writes = []
+
+    def record(frames):  # each frame is encode_frame's pieces: prefix, JSON header, payloads
+        writes.append([json.loads(bytes(f[1]))["op"] for f in frames])
+        return orig(frames)
+
+    sess._send_frames = record
     try:
         x = torch.zeros(16, device="cuda")
         for _ in range(200):
             x = x + 1
         assert x[0].item() == 200
     finally:
-        sess._send = orig
+        sess._send_frames = orig
+    sent = [op for w in writes for op in w]
     assert sent.count("batch") < 20 and sent[-1] == "fetch"
+    # The ops still queued at the sync point travel with its request, in one write.
+    assert writes[-1] == ["batch", "fetch"]
 
 
 def ctrl_c_drops_queued_work(n):
