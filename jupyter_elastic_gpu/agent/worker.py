@@ -33,6 +33,13 @@ from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
 
 GiB = 1 << 30
+# After a frame, the next one (the rest of a training step, the next sync) usually follows
+# within microseconds: poll for it this long before sleeping in the kernel, whose wake-up
+# costs more than the round trip. Off on small machines, where the poller would take the
+# client's core. ELASTIC_GPU_SPIN_US overrides it (0: never poll).
+SPIN_SECONDS = float(
+    os.environ.get("ELASTIC_GPU_SPIN_US", 1000 if (os.cpu_count() or 1) >= 4 else 0)
+) / 1e6
 
 
 class Worker:
@@ -498,12 +505,20 @@ class Worker:
         sys.stderr.flush()
         os._exit(code)
 
+    def wait(self):
+        events = self.sel.select(0)
+        if not events and SPIN_SECONDS and self.client is not None:
+            deadline = time.perf_counter() + SPIN_SECONDS
+            while not events and time.perf_counter() < deadline:
+                events = self.sel.select(0)
+        return events or self.sel.select()
+
     def serve(self):
         while True:
             # The reader (or TLS) may hold a next frame that select() cannot see.
             while self.reader is not None and self.reader.buffered():
                 self.on_client()
-            for key, _ in self.sel.select():
+            for key, _ in self.wait():
                 if key.data == "ctl":
                     self.on_control()
                 elif self.client is not None:

@@ -11,9 +11,11 @@ right to run on a GPU slice) is taken at the first GPU op and given back by ``re
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import secrets
+import select
+import signal
 import socket
 import threading
 import time
@@ -34,6 +36,14 @@ FLUSH_INTERVAL = 0.002
 # tensor meanwhile. Smaller ones are copied at once (cheap); larger ones go out before the op
 # returns, straight from the user's memory, as a copy from pageable memory to a GPU does.
 UPLOAD_COPY_BYTES = 1 << 20
+# How long a sync point polls for its reply before sleeping in the kernel. A thread that
+# sleeps pays the scheduler's wake-up (and an idle core's exit from its sleep state) on each
+# round trip, which on a GPU node costs more than the round trip itself; CUDA's own default
+# spins in synchronize for the same reason. Off where cores are few (the spinner would take
+# the core the agent needs on a laptop or a 2-core CI machine).
+SPIN_SECONDS = float(
+    os.environ.get("ELASTIC_GPU_SPIN_US", 300 if (os.cpu_count() or 1) >= 4 else 0)
+) / 1e6
 
 _ERRORS = {
     "OutOfMemoryError": torch.OutOfMemoryError,
@@ -112,7 +122,7 @@ class RemoteSession:
         self.attached = False
         self.address = None
         self.sock: socket.socket | None = None
-        self._receiver: threading.Thread | None = None
+        self._reader: FrameReader | None = None
         self._next_id = 0
         self._pending: list = []
         self._bufs: list = []
@@ -213,10 +223,10 @@ class RemoteSession:
         why = str(e)
         if self.sock is not None:
             try:  # the agent may have said why before hanging up (shutdown, worker ended)
-                last = self._inbox.get(timeout=0.5)
-                if isinstance(last, tuple):
-                    why = last[0].get("error", {}).get("message") or why
-            except queue.Empty:
+                self.sock.settimeout(0.5)
+                last, _ = self._reader.recv()
+                why = last.get("error", {}).get("message") or why
+            except Exception:
                 pass
             self._hang_up()
         raise AgentUnavailable(
@@ -260,28 +270,20 @@ class RemoteSession:
         return reply, rbufs
 
     def _recv(self):
-        """The next reply. Frames are read whole by the receiver thread, so an interrupt here
-        (Ctrl-C in a notebook) never leaves half a frame behind on the stream."""
-        while True:
-            try:
-                item = self._inbox.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            if isinstance(item, BaseException):
-                self._broken(item)
-            self._owed_replies -= 1
-            return item
+        """The next reply, read on the waiting thread itself (no hand-off between threads).
 
-    @staticmethod
-    def _receive(sock, inbox):
-        # Fetched tensors land in memory the user then owns (fresh, huge pages where offered).
-        reader = FrameReader(sock, host_buffer)
-        while True:
-            try:
-                inbox.put(reader.recv())
-            except BaseException as e:  # EOF, reset, or a bad frame: the connection is over
-                inbox.put(e)
-                return
+        Ctrl-C may land while waiting for the reply's first byte, never inside a frame: the
+        stream stays in step, and the reply stays owed (read before the next request)."""
+        reader = self._reader
+        try:
+            if not reader.buffered():
+                _wait_readable(self.sock, self.reply_timeout)
+            with _sigint_deferred():
+                frame = reader.recv()
+        except (OSError, ConnectionError, m.ProtocolError) as e:  # EOF, reset, a bad frame
+            self._broken(e)
+        self._owed_replies -= 1
+        return frame
 
     def _drain_owed(self):
         while self._owed_replies:
@@ -379,26 +381,19 @@ class RemoteSession:
         set_liveness(sock, self.net_timeout)
         self.sock, self.address = sock, address
         self._owed_replies = 1  # the reply to the hello
-        self._inbox = queue.Queue()
-        self._receiver = threading.Thread(
-            target=self._receive, args=(sock, self._inbox), daemon=True, name="egpu-receiver"
-        )
-        self._receiver.start()
+        # Fetched tensors land in memory the user then owns (fresh, huge pages where offered).
+        self._reader = FrameReader(sock, host_buffer)
         return None
 
     def _hang_up(self) -> None:
-        """Drop the data connection. Shut it down and let the receiver thread end before the
-        descriptor is closed: a reader still inside recv() on a closed descriptor number
-        would read the next connection's bytes once the number is reused."""
-        sock, self.sock = self.sock, None
+        """Drop the data connection (the session stays on the agent for its grace period)."""
+        sock, self.sock, self._reader = self.sock, None, None
         if sock is None:
             return
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        if self._receiver is not threading.current_thread():
-            self._receiver.join(2.0)
         sock.close()
 
     def renew(self, token: str) -> None:
@@ -460,7 +455,7 @@ def _after_fork_in_child() -> None:
     sess.forked = True
     sess.attached = False
     sess.sock = None
-    sess._receiver = None
+    sess._reader = None
     sess._lock = threading.RLock()
     sess._pending, sess._bufs, sess._buf_bytes = [], [], 0
     sess.freed = []
@@ -470,6 +465,43 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _wait_readable(sock, timeout: float | None) -> None:
+    """Until ``sock`` has bytes: polled for ``SPIN_SECONDS``, then asleep in select() (where
+    Ctrl-C ends the wait)."""
+    if SPIN_SECONDS:
+        deadline = time.perf_counter() + SPIN_SECONDS
+        while time.perf_counter() < deadline:
+            if select.select((sock,), (), (), 0)[0]:
+                return
+    # In slices: a SIGINT that the kernel delivered to another thread interrupts no
+    # select() here, and Python runs the handler only when this thread comes back.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not select.select((sock,), (), (), 0.1)[0]:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"no reply from the GPU agent in {timeout} s")
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C back while a frame is read (a frame cut in half would leave the stream
+    out of step), then raise it. Only the main thread receives KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler set outside Python: nothing we could put back
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(*caught[0])
 
 
 def _dense(x) -> bool:
