@@ -268,6 +268,7 @@ class Agent:
         self.spare_workers = spare_workers
         self.spares: list[SessionWorker] = []
         self.mps = mps_daemon_running()
+        self._gpu_totals: dict[int, int] | None = None  # see gpu_memory()
         self.swap_stats: list[dict] = []
         # Since start, per direction: the recent list above is capped, benchmarks need totals.
         self.swap_totals = {d: {"count": 0, "bytes": 0, "seconds": 0.0} for d in ("out", "in")}
@@ -436,11 +437,17 @@ class Agent:
         m.Close: _by_secret,
     }
 
+    def gpu_totals(self) -> dict[int, int]:
+        """Each GPU's total memory by index, asked of NVML once: a session's start and every
+        attach need it, and an NVML query (its init on every GPU of the node) would sit in
+        that path each time, for figures that cannot change while the agent runs."""
+        if self._gpu_totals is None:
+            inv = gpu_inventory(self.device, self.cpu_memory_gib)
+            self._gpu_totals = {g["index"]: g["memory_total"] for g in inv}
+        return self._gpu_totals
+
     def gpu_memory(self, gpu: int) -> int:
-        g = next(
-            (g for g in gpu_inventory(self.device, self.cpu_memory_gib) if g["index"] == gpu), None
-        )
-        return g["memory_total"] if g else 0
+        return self.gpu_totals().get(gpu, 0)
 
     def make_room(self, worker: SessionWorker, need: int) -> None:
         """Swap idle sessions on ``worker``'s GPUs out, least recently used first, until ``need``
@@ -499,7 +506,7 @@ class Agent:
     def _open_mode_gpus(self, fraction: GPUFraction) -> list[int]:
         # No broker placement: a lease above 1 takes the first GPUs, if there are that many.
         # A CPU agent stands in for as many GPUs as one host has, for multi-GPU code in CI.
-        have = len(gpu_inventory("cuda", 0)) if self.device == "cuda" else CPU_STAND_IN_GPUS
+        have = len(self.gpu_totals()) if self.device == "cuda" else CPU_STAND_IN_GPUS
         if fraction.gpus > have:
             raise ValueError(
                 f"a fraction of {fraction:g} needs {fraction.gpus} GPUs; this agent has {have}"
