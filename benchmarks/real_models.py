@@ -258,7 +258,8 @@ def markdown(results, device) -> str:
     if "first_op" in results and "remote" in results["first_op"]:
         f = results["first_op"]
         extra.append(
-            f"- first GPU op of a new process: remote {f['remote']['first_op_s']:.3f} s, "
+            f"- first GPU op of a new process (remote: after the client's warm-up, as in a "
+            f"kernel): remote {f['remote']['first_op_s']:.3f} s, "
             f"native {f['native']['first_op_s']:.3f} s (incl. CUDA start)"
         )
         ph = f["remote"].get("phases")
