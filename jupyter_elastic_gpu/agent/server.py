@@ -469,7 +469,7 @@ class Agent:
         """Each GPU's total memory by index, asked of NVML once: a session's start and every
         attach need it, and an NVML query (its init on every GPU of the node) would sit in
         that path each time, for figures that cannot change while the agent runs."""
-        if self._gpu_totals is None:
+        if not self._gpu_totals:  # none found (NVML failed) is asked again, not kept
             inv = gpu_inventory(self.device, self.cpu_memory_gib)
             self._gpu_totals = {g["index"]: g["memory_total"] for g in inv}
         return self._gpu_totals
