@@ -195,6 +195,7 @@ elif name == "first_op":
     if sess is not None:
         ph["import_and_attach_s"] = t_attach
         t = time.perf_counter(); remote.warm_up(); ph["client_warm_up_s"] = time.perf_counter() - t
+        ph["client_warm_up_imports_s"] = {k: round(v, 3) for k, v in remote.warm_up_seconds.items()}
         from jupyter_elastic_gpu.protocol.client import query_inventory
         spares = query_inventory(sys.argv[4])["agent"]["spare_workers"]
         ph["spare"] = spares[0] if spares else None  # was a ready (warmed) worker waiting?
@@ -267,8 +268,9 @@ def markdown(results, device) -> str:
             extra.append(
                 f"  - remote phases: connect (lease, hello, worker set-up) "
                 f"{ph['connect_s']:.3f} s, op {ph['op_s']:.3f} s; before it: client warm-up "
-                f"{ph['client_warm_up_s']:.3f} s (beside the user's first cell in a kernel; "
-                f"inside the first op of a script that uses the GPU at once), import + "
+                f"{ph['client_warm_up_s']:.3f} s more after attach() (beside the user's first "
+                f"cell in a kernel; inside the first op of a script that uses the GPU at once; "
+                f"imports: {ph.get('client_warm_up_imports_s')}), import + "
                 f"attach() {ph['import_and_attach_s']:.3f} s, import torch "
                 f"{ph['import_torch_s']:.3f} s (native {f['native']['phases']['import_torch_s']:.3f} s); "
                 f"spare worker: {ph.get('spare')}"

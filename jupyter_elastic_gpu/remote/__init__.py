@@ -11,6 +11,7 @@ import atexit
 import importlib
 import os
 import threading
+import time
 
 from ..protocol.fraction import GPUFraction
 from . import backend
@@ -116,13 +117,18 @@ def warm_up(wait: bool = True, timeout: float | None = None) -> bool:
     return not _warm.is_alive()
 
 
+warm_up_seconds: dict[str, float] = {}  # per module, for benchmarks (real_models first_op)
+
+
 def _warm_up() -> None:
     # Most needed first: every first op waits for the DTensor check's import.
     for module in ("torch.distributed.tensor", "torch._dynamo"):
+        t = time.perf_counter()
         try:
             importlib.import_module(module)
         except Exception:  # a torch without it: the first op has no such import either
             pass
+        warm_up_seconds[module] = time.perf_counter() - t
 
 
 def _finish_warm_up_before_fork() -> None:
