@@ -31,6 +31,7 @@ SCRIPT = r"""
 import json, sys, time, statistics
 t_start = time.perf_counter()
 import torch
+t_torch = time.perf_counter()
 import torch.nn.functional as F
 mode, name, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 sess = None
@@ -46,9 +47,11 @@ try:
             import transformers.generation.utils  # noqa
 except ImportError:
     pass  # need() below says so
+t_attach = time.perf_counter()
 if mode.startswith("remote"):
     from jupyter_elastic_gpu import remote
     sess = remote.attach(sys.argv[4], fraction=1.0)
+t_attach = time.perf_counter() - t_attach
 dev = "cuda" if (mode.startswith("remote") or torch.cuda.is_available()) else "cpu"
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 res = {}
@@ -183,12 +186,26 @@ elif name == "sync_latency":
     p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
     res = {"p50_us": p50 * 1e6, "p99_us": p99 * 1e6, "unit": "syncs/s", "throughput": 1 / p50}
 elif name == "first_op":
-    # A new session's first GPU op: connect, hello, the worker's device set-up (CUDA context).
+    # A new session's first GPU op, in phases. Remote: the client's warm-up (remote.warm_up,
+    # which attach() starts: a kernel attaches at start, so it is done by the first cell) is
+    # waited for first; then connect = lease, connection, hello and the worker's set-up for
+    # the session (its CUDA context unless a spare had it ready); then the op itself.
+    # Native: the op includes CUDA's start.
+    ph = {"import_torch_s": t_torch - t_start}
+    if sess is not None:
+        ph["import_and_attach_s"] = t_attach
+        t = time.perf_counter(); remote.warm_up(); ph["client_warm_up_s"] = time.perf_counter() - t
+        ph["client_warm_up_imports_s"] = {k: round(v, 3) for k, v in remote.warm_up_seconds.items()}
+        from jupyter_elastic_gpu.protocol.client import query_inventory
+        spares = query_inventory(sys.argv[4])["agent"]["spare_workers"]
+        ph["spare"] = spares[0] if spares else None  # was a ready (warmed) worker waiting?
+        t = time.perf_counter(); sess.attach(); ph["connect_s"] = time.perf_counter() - t
     t = time.perf_counter()
     torch.ones(1, device=dev).sum().item()
-    first = time.perf_counter() - t
+    ph["op_s"] = time.perf_counter() - t
+    first = ph["op_s"] + ph.get("connect_s", 0.0)
     res = {"first_op_s": first, "since_process_start_s": time.perf_counter() - t_start,
-           "unit": "1/s", "throughput": 1 / first}
+           "unit": "1/s", "throughput": 1 / first, "phases": ph}
 print("RESULT " + json.dumps(res))
 """
 
@@ -242,9 +259,22 @@ def markdown(results, device) -> str:
     if "first_op" in results and "remote" in results["first_op"]:
         f = results["first_op"]
         extra.append(
-            f"- first GPU op of a new process: remote {f['remote']['first_op_s']:.3f} s, "
+            f"- first GPU op of a new process (remote: after the client's warm-up, as in a "
+            f"kernel): remote {f['remote']['first_op_s']:.3f} s, "
             f"native {f['native']['first_op_s']:.3f} s (incl. CUDA start)"
         )
+        ph = f["remote"].get("phases")
+        if ph:  # older result files have none
+            extra.append(
+                f"  - remote phases: connect (lease, hello, worker set-up) "
+                f"{ph['connect_s']:.3f} s, op {ph['op_s']:.3f} s; before it: client warm-up "
+                f"{ph['client_warm_up_s']:.3f} s more after attach() (beside the user's first "
+                f"cell in a kernel; inside the first op of a script that uses the GPU at once; "
+                f"imports: {ph.get('client_warm_up_imports_s')}), import + "
+                f"attach() {ph['import_and_attach_s']:.3f} s, import torch "
+                f"{ph['import_torch_s']:.3f} s (native {f['native']['phases']['import_torch_s']:.3f} s); "
+                f"spare worker: {ph.get('spare')}"
+            )
     for k in ("h2d", "d2h"):
         if k in results and "remote" in results[k]:
             extra.append(

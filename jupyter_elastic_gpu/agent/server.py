@@ -40,6 +40,29 @@ def mps_daemon_running() -> bool:
     return os.path.exists(os.path.join(pipe, "control"))
 
 
+def spare_warm_up(device: str, mps: bool, open_mode: bool, gpu_count: int) -> str | None:
+    """What a spare worker readies on the GPU before its session exists (``--warm``).
+
+    Creating a CUDA context costs a new session's first op a large share of a second;
+    a spare can pay it while idle, but only where nothing that must precede the context is
+    still unknown, and only on a GPU the session will surely use (a context costs the GPU it
+    sits on hundreds of MiB for the worker's whole life):
+
+    - ``None``: nothing (a CPU agent; or NVIDIA MPS: a fractional session's compute share
+      must be in the environment before its context exists, and the MPS client may already
+      attach to the server when the driver initialises);
+    - ``"cuda"``: the driver and runtime only, no context (GPUs are placed per session);
+    - ``"cuda:0"``: also a context and the first op's kernels on GPU 0, where every session
+      is certain to run there: a node with one GPU, or open mode (no broker placement: a
+      session's GPUs start at 0, see ``Agent._open_mode_gpus``).
+    """
+    if device != "cuda" or mps:
+        return None
+    if open_mode or gpu_count == 1:
+        return "cuda:0"
+    return "cuda"
+
+
 class SessionWorker:
     """The agent's handle on one worker process: started as a spare (torch imported, no
     session yet), then bound to one session by ``assign``."""
@@ -84,6 +107,8 @@ class SessionWorker:
         ]
         if agent.tls_files:
             cmd += ["--tls", ",".join(f or "" for f in agent.tls_files)]
+        if agent.warm:
+            cmd += ["--warm", agent.warm]
         self.proc = subprocess.Popen(
             cmd, pass_fds=[child.fileno()], env=env, start_new_session=True
         )
@@ -268,6 +293,10 @@ class Agent:
         self.spare_workers = spare_workers
         self.spares: list[SessionWorker] = []
         self.mps = mps_daemon_running()
+        self._gpu_totals: dict[int, int] | None = None  # see gpu_memory()
+        self.warm = spare_warm_up(
+            device, self.mps, open_mode=self.lease_secret is None, gpu_count=len(self.gpu_totals())
+        )
         self.swap_stats: list[dict] = []
         # Since start, per direction: the recent list above is capped, benchmarks need totals.
         self.swap_totals = {d: {"count": 0, "bytes": 0, "seconds": 0.0} for d in ("out", "in")}
@@ -436,11 +465,17 @@ class Agent:
         m.Close: _by_secret,
     }
 
+    def gpu_totals(self) -> dict[int, int]:
+        """Each GPU's total memory by index, asked of NVML once: a session's start and every
+        attach need it, and an NVML query (its init on every GPU of the node) would sit in
+        that path each time, for figures that cannot change while the agent runs."""
+        if not self._gpu_totals:  # none found (NVML failed) is asked again, not kept
+            inv = gpu_inventory(self.device, self.cpu_memory_gib)
+            self._gpu_totals = {g["index"]: g["memory_total"] for g in inv}
+        return self._gpu_totals
+
     def gpu_memory(self, gpu: int) -> int:
-        g = next(
-            (g for g in gpu_inventory(self.device, self.cpu_memory_gib) if g["index"] == gpu), None
-        )
-        return g["memory_total"] if g else 0
+        return self.gpu_totals().get(gpu, 0)
 
     def make_room(self, worker: SessionWorker, need: int) -> None:
         """Swap idle sessions on ``worker``'s GPUs out, least recently used first, until ``need``
@@ -499,7 +534,7 @@ class Agent:
     def _open_mode_gpus(self, fraction: GPUFraction) -> list[int]:
         # No broker placement: a lease above 1 takes the first GPUs, if there are that many.
         # A CPU agent stands in for as many GPUs as one host has, for multi-GPU code in CI.
-        have = len(gpu_inventory("cuda", 0)) if self.device == "cuda" else CPU_STAND_IN_GPUS
+        have = len(self.gpu_totals()) if self.device == "cuda" else CPU_STAND_IN_GPUS
         if fraction.gpus > have:
             raise ValueError(
                 f"a fraction of {fraction:g} needs {fraction.gpus} GPUs; this agent has {have}"
@@ -509,7 +544,7 @@ class Agent:
     def inventory(self) -> dict:
         with self.lock:
             sessions = [w.describe() for w in self.workers.values()]
-            spares = [{"pid": w.proc.pid, "ready": w.ready} for w in self.spares]
+            spares = [{"pid": w.proc.pid, "ready": w.ready, "warm": self.warm} for w in self.spares]
         return {
             "agent": {
                 "id": self.agent_id,

@@ -91,6 +91,27 @@ class Worker:
         self.executor = SessionExecutor(self.devices, OpResolver(self.opts.namespaces.split(",")))
         self.executor.graphs = graphs.SessionGraphs(self.executor)
 
+    def warm_up(self, target: str) -> None:
+        """Ready the GPU while this spare waits for a session (``target`` is the agent's
+        ``spare_warm_up()``): CUDA's initialisation, and on ``cuda:N`` a context with the
+        kernels a first op loads, would otherwise be the first op's to pay. Only what a
+        session would create anyway is made, and the allocator is left as a session finds
+        it (nothing cached, peak statistics cleared); the slice's memory cap can be set on
+        an existing context."""
+        if select.select([self.ctl], [], [], 0)[0]:
+            return  # started on demand: its session is already waiting, warm-up would delay it
+        try:
+            torch.cuda.init()
+            if target.startswith("cuda:"):
+                d = torch.device(target)
+                torch.cuda.get_device_properties(d)  # cached by torch for device_info()
+                torch.ones(1, device=d).sum().item()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(d)
+                torch.cuda.reset_accumulated_memory_stats(d)
+        except Exception as e:  # the session's own set-up meets it again and reports it
+            print(f"elastic-gpu worker: GPU warm-up failed: {e}", file=sys.stderr, flush=True)
+
     # -- device description ---------------------------------------------------------------
     def device_info(self) -> dict:
         n = len(self.devices)
@@ -541,6 +562,9 @@ def main(argv=None):
     p.add_argument("--cpu-memory-gib", type=float, default=16.0)
     p.add_argument("--namespaces", default="aten,prims,torchvision")
     p.add_argument("--tls", default=None, help="CERT,KEY,CLIENT_CA: sessions' connections use TLS")
+    p.add_argument(
+        "--warm", default=None, help="cuda or cuda:N: what to ready before a session (see server)"
+    )
     opts = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours
     # A dead agent closes the control socket, but a worker busy in a long op would not see
@@ -548,6 +572,8 @@ def main(argv=None):
     exit_with_parent(f"worker of agent {opts.agent_id}")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     w = Worker(opts)
+    if opts.warm and opts.device == "cuda":
+        w.warm_up(opts.warm)
     w.notify(event="ready", pid=os.getpid())
     w.wait_for_assignment()
     w.serve()

@@ -151,19 +151,8 @@ class GPUCellHooks:
             log.error("elastic-gpu: the remote GPU client failed to load: %s", e)
         finally:
             self._loaded.set()
-        if self.load_error is None:
-            self._warm_up()
-
-    @staticmethod
-    def _warm_up() -> None:
-        # torch imports torch.distributed.tensor at the first op on any tensor subclass (its
-        # DTensor check), about a second: import it here, beside the user's first cells,
-        # rather than inside the first GPU cell (an import in progress is waited for, not
-        # repeated).
-        try:
-            import torch.distributed.tensor  # noqa: F401
-        except Exception:
-            pass
+        # attach() started the client's warm-up (remote.warm_up): it runs beside the user's
+        # first cells, rather than inside the first GPU cell.
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)

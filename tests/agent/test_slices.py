@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from jupyter_elastic_gpu.agent.server import spare_warm_up
 from jupyter_elastic_gpu.protocol.client import query_inventory
 from tests.conftest import AGENT_DEVICE
 
@@ -287,6 +288,56 @@ def test_a_dead_spare_is_replaced(make_agent):
     assert replacement != spare
     out = run_client(agent.address, "print(torch.ones(2, device='cuda').sum().item())")
     assert out.returncode == 0 and out.stdout.strip() == "2.0", out.stderr
+
+
+@pytest.mark.parametrize(
+    "device, mps, open_mode, gpus, warm",
+    [
+        ("cpu", False, True, 1, None),  # nothing to ready on a CPU agent
+        ("cuda", True, True, 1, None),  # MPS: a slice's compute share precedes its context
+        ("cuda", False, False, 1, "cuda:0"),  # one GPU: every session runs on it
+        ("cuda", False, True, 8, "cuda:0"),  # open mode: every session's GPUs start at 0
+        ("cuda", False, False, 8, "cuda"),  # placed per session: no context on a guessed GPU
+    ],
+)
+def test_a_spare_readies_only_what_its_session_is_sure_to_use(device, mps, open_mode, gpus, warm):
+    assert spare_warm_up(device, mps, open_mode=open_mode, gpu_count=gpus) == warm
+
+
+@pytest.mark.gpu
+def test_a_spare_holding_a_cuda_context_serves_its_slice_under_the_cap(make_agent, tmp_path):
+    # No MPS daemon in sight (its pipe directory is empty): the spare readies GPU 0 ahead.
+    agent = make_agent(
+        "--spare-workers", "1", device="cuda", env={"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}
+    )
+    [spare] = _wait(lambda: _ready_spares(agent))
+    assert query_inventory(agent.address)["agent"]["spare_workers"][0]["warm"] == "cuda:0"
+    p = run_client(
+        agent.address,
+        f"""
+        from jupyter_elastic_gpu.agent.server import spare_warm_up
+from jupyter_elastic_gpu.protocol.client import query_inventory
+        print("fresh", torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
+              torch.cuda.memory_reserved())
+        print("worker", [s["pid"] for s in query_inventory({agent.address!r})["sessions"]])
+        props = torch.cuda.get_device_properties(0)
+        cap, total = props.total_memory, props.gpu_total_memory
+        print("cap/total", round(cap / total, 3))
+        x = torch.empty(int(cap * 0.6) // 4, device="cuda")  # fits in the slice
+        try:
+            y = torch.empty(int(cap * 0.6) // 4, device="cuda")  # 1.2x the slice
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError as e:
+            print("OOM:", e)
+        print("alive", (x[:10] * 0 + 1).sum().item())
+    """,
+    )
+    assert p.returncode == 0, p.stderr
+    # The warm-up's own allocations are not the session's: its statistics start at zero.
+    assert "fresh 0 0 0" in p.stdout
+    assert f"worker [{spare}]" in p.stdout  # the session ran in the readied spare
+    assert "cap/total 0.25" in p.stdout and "OOM:" in p.stdout and "slice" in p.stdout
+    assert "alive 10.0" in p.stdout
 
 
 def test_without_spares_each_session_starts_its_own_worker(make_agent):
