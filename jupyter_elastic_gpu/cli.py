@@ -60,6 +60,14 @@ def _agent(argv):
         "the GPU memory (default), at every detach, or never",
     )
     p.add_argument(
+        "--swap-arena-gib",
+        type=float,
+        default=None,
+        help="host memory kept pinned for swapped-out sessions, so a swap-out runs at PCIe "
+        "speed (default on a GPU node: 1/8 of host memory, at most 16; 0: none, each swap "
+        "allocates its own)",
+    )
+    p.add_argument(
         "--spare-workers",
         type=int,
         default=1,

@@ -136,6 +136,8 @@ class SessionExecutor:
         self.peak = 0
         self.decode = ArgumentDecoder(self.tensors, self.tensor, devices)
         self.graphs = None  # this session's compiled graphs (agent/graphs.py), if enabled
+        # While swapped out: (host block, [(id, storage offset)], the device it came from).
+        self._swapped: list = []
 
     # -- decoding --------------------------------------------------------------------
     def tensor(self, rid) -> torch.Tensor:
@@ -358,39 +360,85 @@ class SessionExecutor:
         return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, raw.numpy()
 
     # -- swapping an idle session's tensors between device and host ----------------------
-    def move_storages(self, device: torch.device, pin: bool) -> int:
-        """Move every live storage to ``device``, keeping views aliased; return bytes moved.
+    def swap_out(self, pin: bool, extent: torch.Tensor | None = None) -> int:
+        """Copy every live storage to host memory, free the device copies; bytes moved.
 
         Views share one storage, so storages (not tensors) are copied once each and every
-        tensor is re-pointed at its storage's copy with its own size, stride and offset.
-        """
-        copies: dict[int, torch.UntypedStorage] = {}
-        for t in self.tensors.values():
+        tensor is re-pointed at its storage's copy with its own size, stride and offset. The
+        copies go into ``extent`` (a uint8 tensor in the agent's swap arena) when they fit,
+        else into fresh (pinned, on a GPU) host memory."""
+        groups: dict[int, tuple] = {}
+        for rid, t in self.tensors.items():
             s = t.untyped_storage()
-            if s.data_ptr() not in copies:
-                if device.type == "cpu":
-                    dst = torch.empty(
-                        s.nbytes(), dtype=torch.uint8, pin_memory=pin
-                    ).untyped_storage()
-                else:
-                    dst = torch.empty(
-                        s.nbytes(), dtype=torch.uint8, device=device
-                    ).untyped_storage()
-                dst.copy_(s, non_blocking=pin or device.type != "cpu")
-                copies[s.data_ptr()] = dst
-        if any(d.type == "cuda" for d in self.devices):
-            torch.cuda.synchronize()
-        for rid, t in list(self.tensors.items()):
-            dst = copies[t.untyped_storage().data_ptr()]
-            self.tensors[rid] = torch.empty(0, dtype=t.dtype, device=device).set_(
-                dst, t.storage_offset(), t.size(), t.stride()
-            )
+            groups.setdefault(s.data_ptr(), (s, []))[1].append(rid)
+        need = sum(_aligned(s.nbytes()) for s, _ in groups.values())
+        use_extent = extent is not None and need <= extent.numel()
+        blocks, off = [], 0
+        for s, rids in groups.values():
+            n = s.nbytes()
+            if use_extent:
+                host = extent[off:off + n]
+                off += _aligned(n)
+            else:
+                host = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+            if n:
+                host.copy_(_bytes_of(s), non_blocking=True)
+            blocks.append((host, rids, s.device))
+        self._synchronize()
+        self._swapped = []
+        for host, rids, device in blocks:
+            keep = []
+            for rid in rids:
+                t = self.tensors[rid]
+                keep.append((rid, t.storage_offset()))
+                self.tensors[rid] = _view_of(host, t, t.storage_offset())
+            self._swapped.append((host, keep, device))
         self._storage_of.clear()
         self._refs.clear()
         self.in_use = 0
+        return sum(b[0].numel() for b in blocks)
+
+    def swap_in(self) -> int:
+        """Bring what ``swap_out`` moved back to its devices (views alias again); bytes moved."""
+        moved = 0
+        for host, keep, device in self._swapped:
+            dev = torch.empty(host.numel(), dtype=torch.uint8, device=device)
+            if host.numel():
+                dev.copy_(host, non_blocking=True)
+            moved += host.numel()
+            for rid, offset in keep:
+                t = self.tensors.get(rid)
+                if t is not None:
+                    self.tensors[rid] = _view_of(dev, t, offset)
+        self._synchronize()  # the host side (an arena extent) is handed back after this
+        self._swapped = []
         for rid, t in self.tensors.items():
             self._account(rid, t)
-        return sum(c.nbytes() for c in copies.values())
+        return moved
+
+    def _synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _bytes_of(storage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def _view_of(block: torch.Tensor, t: torch.Tensor, offset: int) -> torch.Tensor:
+    """``t``'s size, stride and dtype over ``block`` (a uint8 tensor holding its storage's
+    bytes), at element ``offset`` of that storage."""
+    isz = t.element_size()
+    base = block.storage_offset()  # bytes: the block may be an extent of the arena
+    if base % isz:
+        raise RuntimeError("a swapped storage is misaligned for its dtype")
+    return torch.empty(0, dtype=t.dtype, device=block.device).set_(
+        block.untyped_storage(), base // isz + offset, t.size(), t.stride()
+    )
 
 
 aten = torch.ops.aten

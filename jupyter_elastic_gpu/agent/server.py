@@ -26,8 +26,11 @@ from ..protocol import messages as m
 from ..protocol.fraction import GPUFraction
 from ..protocol.frames import ProtocolError, recv_frame, send_frame, send_refusal, set_liveness
 from ..protocol.tls import TLS_RECORD_HANDSHAKE, server_context
+from .arena import HostArena
 from .auth import HelloRejected, check_hello
 from .inventory import gpu_inventory
+
+GiB = 1 << 30
 
 CPU_STAND_IN_GPUS = 8
 
@@ -109,9 +112,12 @@ class SessionWorker:
             cmd += ["--tls", ",".join(f or "" for f in agent.tls_files)]
         if agent.warm:
             cmd += ["--warm", agent.warm]
-        self.proc = subprocess.Popen(
-            cmd, pass_fds=[child.fileno()], env=env, start_new_session=True
-        )
+        fds = [child.fileno()]
+        if agent.arena is not None:
+            cmd += ["--arena", f"{agent.arena.fd},{agent.arena.size}"]
+            fds.append(agent.arena.fd)
+        self.extent = None  # the swap arena's extent holding this session while swapped out
+        self.proc = subprocess.Popen(cmd, pass_fds=fds, env=env, start_new_session=True)
         child.close()
         threading.Thread(target=self._events, daemon=True, name=f"worker-{self.proc.pid}").start()
 
@@ -130,6 +136,20 @@ class SessionWorker:
         except OSError:
             pass
 
+    def request_swap_out(self) -> None:
+        """Ask the worker to swap out, into an extent of the agent's arena where one is free
+        (it falls back to memory of its own when its tensors do not fit)."""
+        arena = self.agent.arena
+        if arena is not None and self.extent is None:
+            # Storages are aligned inside the extent: room for that beside the bytes in use.
+            self.extent = arena.take(self.in_use + (self.in_use >> 6) + (1 << 20))
+        self.send({"cmd": "swap_out", "extent": self.extent})
+
+    def give_back_extent(self) -> None:
+        extent, self.extent = self.extent, None
+        if extent is not None:
+            self.agent.arena.give(extent)
+
     def _make_room_then_proceed(self, need: int) -> None:
         try:
             self.agent.make_room(self, need)
@@ -142,7 +162,7 @@ class SessionWorker:
             # Exiting (its kernel closed the session) after it was picked: its last wake-up
             # may have come before the clear above, so waiting would take the whole timeout.
             return False
-        self.send({"cmd": "swap_out"})
+        self.request_swap_out()
         if not self.swap_done.wait(timeout):
             # The attach that asked for room has waited all this time: say who did not answer.
             log.warning(
@@ -206,20 +226,24 @@ class SessionWorker:
                 self.attached = False
                 self.last_used = time.monotonic()
                 if self.agent.swap_policy == "always":
-                    self.send({"cmd": "swap_out"})
+                    self.request_swap_out()
             elif kind == "swapped":
                 self.swapped = bool(ev.get("ok")) or self.swapped
                 if ev.get("ok"):
                     self._record_swap("out", ev)
+                if not (ev.get("ok") and ev.get("arena")):
+                    self.give_back_extent()  # not used: refused, or kept in its own memory
                 self.swap_done.set()
             elif kind == "swapped_in":
                 self.swapped = False
                 self._record_swap("in", ev)
+                self.give_back_extent()
             elif kind == "fatal":
                 self.fatal = True
             elif kind == "disconnected":
                 self.attached, self.connected = False, False
                 self.disconnected_at = time.monotonic()
+        self.give_back_extent()
         self.gone = True  # before the wake-up: swap_out() checks it after clearing
         self.swap_done.set()  # nobody waits on a worker that is gone
         code = self.proc.wait()
@@ -232,6 +256,7 @@ class SessionWorker:
     def _record_swap(self, direction: str, ev: dict) -> None:
         self.agent.swap_stats.append(
             {"direction": direction, "bytes": ev["bytes"], "seconds": ev["seconds"]}
+            | ({"arena": bool(ev.get("arena"))} if direction == "out" else {})
         )
         total = self.agent.swap_totals[direction]
         total["count"] += 1
@@ -277,6 +302,7 @@ class Agent:
         tls_key=None,
         tls_client_ca=None,
         spare_workers=1,
+        swap_arena_bytes=0,
     ):
         self.device = device
         # Workers load the same files: each terminates TLS for its own session's connection.
@@ -289,6 +315,7 @@ class Agent:
         self.session_grace = session_grace
         self.hello_timeout = hello_timeout
         self.swap_policy = swap_policy
+        self.arena = HostArena(swap_arena_bytes) if swap_arena_bytes else None
         # Started workers kept ready, so a session's first op skips the worker's torch import.
         self.spare_workers = spare_workers
         self.spares: list[SessionWorker] = []
@@ -554,6 +581,9 @@ class Agent:
                 "swap_policy": self.swap_policy,
                 "swaps": self.swap_stats[-20:],
                 "swap_totals": self.swap_totals,
+                "swap_arena": {"bytes": self.arena.size, "free": self.arena.free_bytes}
+                if self.arena is not None
+                else None,
                 "spare_workers": spares,
             },
             "gpus": gpu_inventory(self.device, self.cpu_memory_gib),
@@ -599,6 +629,20 @@ class Agent:
         self.server.server_close()
 
 
+def swap_arena_bytes(gib: float | None, device: str, policy: str) -> int:
+    """The swap arena's size: as asked, else on a GPU node 1/8 of host memory up to 16 GiB
+    (pinned memory is taken from the host for good), none on a CPU agent or with no swaps."""
+    if gib is not None:
+        return int(gib * GiB)
+    if device != "cuda" or policy == "never":
+        return 0
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+    return min(16 * GiB, host // 8)
+
+
 def run_agent(opts) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(asctime)s agent] %(message)s")
     device = opts.device
@@ -630,6 +674,7 @@ def run_agent(opts) -> None:
         tls_key=opts.tls_key,
         tls_client_ca=opts.tls_client_ca,
         spare_workers=opts.spare_workers,
+        swap_arena_bytes=swap_arena_bytes(opts.swap_arena_gib, device, opts.swap_policy),
     )
     gpus = gpu_inventory(device, opts.cpu_memory_gib)
     if not gpus:

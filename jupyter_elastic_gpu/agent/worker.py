@@ -29,6 +29,7 @@ from ..protocol.frames import FrameReader, ProtocolError, recv_frame, send_frame
 from ..protocol.tls import GO_AHEAD, server_context
 from ..protocol.values import as_buffer, host_buffer, tensor_from_buffer
 from . import graphs
+from .arena import WorkerArena
 from .auth import HelloRejected, check_hello
 from .executor import OpResolver, SessionExecutor, error_payload
 
@@ -66,6 +67,7 @@ class Worker:
         self.cap_bytes = 0
         self.client: socket.socket | None = None
         self.reader: FrameReader | None = None
+        self.arena = WorkerArena(*opts.arena) if opts.arena else None
         self.fatal = False
         self.cancel_epoch = 0  # batches of an older epoch than this were interrupted
         self.batch_epoch = 0
@@ -109,6 +111,8 @@ class Worker:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(d)
                 torch.cuda.reset_accumulated_memory_stats(d)
+                if self.arena is not None:  # the context exists now: pinning adds none
+                    self.arena.pin()
         except Exception as e:  # the session's own set-up meets it again and reports it
             print(f"elastic-gpu worker: GPU warm-up failed: {e}", file=sys.stderr, flush=True)
 
@@ -192,7 +196,7 @@ class Worker:
         elif cmd["cmd"] == "stop":
             self.shutdown(cmd.get("reason", "the agent is shutting down"))
         elif cmd["cmd"] == "swap_out":
-            self.swap_out()
+            self.swap_out(cmd.get("extent"))
         elif cmd["cmd"] == "interrupt":
             # Work queued before the interrupt (an older epoch) is dropped; newer work is not,
             # so an interrupt that finds the worker idle cannot poison the next cell.
@@ -215,23 +219,37 @@ class Worker:
             self.on_control()
         return self.batch_epoch < self.cancel_epoch
 
-    def swap_out(self):
-        """Move this idle session's tensors to (pinned) host memory and free its GPU memory."""
+    def swap_out(self, extent=None):
+        """Move this idle session's tensors to host memory (the extent of the agent's swap
+        arena it was given, else fresh pinned memory) and free its GPU memory."""
         if self.attached or self.swapped:
             self.notify(event="swapped", ok=False, in_use=self.executor.in_use)
             return
         t0 = time.perf_counter()
-        nbytes = self.executor.move_storages(torch.device("cpu"), pin=self.device_kind == "cuda")
+        host = None
+        if extent is not None and self.arena is not None:
+            try:
+                if self.device_kind == "cuda":
+                    self.arena.pin()  # at the first swap-out, unless the warm-up did it
+                host = self.arena.extent(*extent)
+            except (RuntimeError, ValueError, TypeError) as e:
+                print(f"elastic-gpu worker: swap arena unusable ({e})", file=sys.stderr)
+        nbytes = self.executor.swap_out(pin=self.device_kind == "cuda", extent=host)
         if self.device_kind == "cuda":
             torch.cuda.empty_cache()
         self.swapped = True
         self.notify(
-            event="swapped", ok=True, bytes=nbytes, seconds=time.perf_counter() - t0, in_use=0
+            event="swapped",
+            ok=True,
+            bytes=nbytes,
+            seconds=time.perf_counter() - t0,
+            in_use=0,
+            arena=host is not None,
         )
 
     def swap_in(self):
         t0 = time.perf_counter()
-        nbytes = self.executor.move_storages(self.devices[0], pin=False)
+        nbytes = self.executor.swap_in()
         self.swapped = False
         self.last_swap_in = {"bytes": nbytes, "seconds": time.perf_counter() - t0}
         self.notify(event="swapped_in", **self.last_swap_in)
@@ -564,6 +582,12 @@ def main(argv=None):
     p.add_argument("--tls", default=None, help="CERT,KEY,CLIENT_CA: sessions' connections use TLS")
     p.add_argument(
         "--warm", default=None, help="cuda or cuda:N: what to ready before a session (see server)"
+    )
+    p.add_argument(
+        "--arena",
+        default=None,
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        help="FD,BYTES: the agent's swap arena (agent/arena.py), inherited as a descriptor",
     )
     opts = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are the client's, not ours

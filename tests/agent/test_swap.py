@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from jupyter_elastic_gpu.protocol.client import query_inventory
@@ -55,6 +56,52 @@ def swap_round_trip(agent, a):
         assert total["count"] == len(done) >= 1
         assert total["bytes"] == sum(x["bytes"] for x in done) >= 80 << 20
         assert total["seconds"] == sum(x["seconds"] for x in done) > 0
+
+
+def test_a_swap_goes_into_the_agents_arena_and_its_extent_comes_back(make_agent, own_session):
+    agent = make_agent("--cpu-memory-gib", "0.25", "--swap-arena-gib", "0.25", device="cpu")
+    arena = query_inventory(agent.address)["agent"]["swap_arena"]
+    assert arena["bytes"] == arena["free"] == 256 << 20
+    with own_session(agent.address, 0.5) as a:
+        swap_round_trip(agent, a)
+        inv = query_inventory(agent.address)["agent"]
+        out = [x for x in inv["swaps"] if x["direction"] == "out"]
+        assert out and all(x["arena"] for x in out)  # copied into the arena, not fresh memory
+        assert inv["swap_arena"]["free"] == 256 << 20  # handed back after the swap-in
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_swap_goes_through_the_pinned_arena(make_agent, own_session):
+    agent = make_agent("--swap-arena-gib", "1", device="cuda")
+    with own_session(agent.address, 0.5) as a:
+        swap_round_trip(agent, a)
+        inv = query_inventory(agent.address)["agent"]
+        assert [x["arena"] for x in inv["swaps"] if x["direction"] == "out"] == [True]
+        assert inv["swap_arena"]["free"] == 1 << 30
+
+
+def test_a_session_larger_than_the_arena_swaps_into_memory_of_its_own(make_agent, own_session):
+    agent = make_agent("--cpu-memory-gib", "0.25", "--swap-arena-gib", "0.01", device="cpu")
+    with own_session(agent.address, 0.5) as a:
+        swap_round_trip(agent, a)
+        inv = query_inventory(agent.address)["agent"]
+        assert not any(x["arena"] for x in inv["swaps"] if x["direction"] == "out")
+        assert inv["swap_arena"]["free"] == inv["swap_arena"]["bytes"]
+
+
+def test_arena_extents_are_first_fit_aligned_and_coalesce_when_given_back():
+    from jupyter_elastic_gpu.agent.arena import ALIGN, HostArena
+
+    arena = HostArena(8 * ALIGN)
+    a, b, c = arena.take(1), arena.take(ALIGN + 1), arena.take(3 * ALIGN)
+    assert (a, b, c) == ((0, ALIGN), (ALIGN, 2 * ALIGN), (3 * ALIGN, 3 * ALIGN))
+    assert arena.take(3 * ALIGN) is None  # 2 left
+    arena.give(b)
+    assert arena.take(2 * ALIGN) == b  # the hole is reused
+    for e in (a, b, c):
+        arena.give(e)
+    assert arena._free == [(0, 8 * ALIGN)] and arena.free_bytes == 8 * ALIGN
+    arena.close()
 
 
 def test_policy_never_keeps_idle_sessions_resident(make_agent):
