@@ -118,8 +118,12 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1,10")
     ap.add_argument("--cpu-memory-gib", default="4")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--swap-arena-gib", default=None, help="the agent's pinned swap arena (default: its own)"
+    )
     opts = ap.parse_args(argv)
-    agent = LocalAgent("--cpu-memory-gib", opts.cpu_memory_gib, device=opts.device)
+    arena = ["--swap-arena-gib", opts.swap_arena_gib] if opts.swap_arena_gib is not None else []
+    agent = LocalAgent("--cpu-memory-gib", opts.cpu_memory_gib, *arena, device=opts.device)
     address = agent.address
     results = {"pcie": pcie_bandwidth(), "swap": [], "concurrent": None}
     print("PCIe (pinned, same GPU):", results["pcie"], flush=True)
@@ -142,6 +146,7 @@ def main(argv=None):
                 "in_GBps": inn["bytes"] / inn["seconds"] / 1e9,
                 "first_op_after_swap_s": float(touched[2]),
                 "values_ok": touched[1] == "True",
+                "into_arena": out.get("arena"),  # else fresh pinned memory (cudaHostAlloc)
             }
             if results["pcie"]:
                 row["out_vs_pcie_d2h"] = row["out_GBps"] / results["pcie"]["d2h_GBps"]

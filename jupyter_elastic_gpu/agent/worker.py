@@ -112,7 +112,15 @@ class Worker:
                 torch.cuda.reset_peak_memory_stats(d)
                 torch.cuda.reset_accumulated_memory_stats(d)
                 if self.arena is not None:  # the context exists now: pinning adds none
+                    t0 = time.perf_counter()
                     self.arena.pin()
+                    print(
+                        f"elastic-gpu worker {os.getpid()}: swap arena of "
+                        f"{self.arena.tensor.numel() / GiB:.1f} GiB pinned in "
+                        f"{time.perf_counter() - t0:.2f}s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         except Exception as e:  # the session's own set-up meets it again and reports it
             print(f"elastic-gpu worker: GPU warm-up failed: {e}", file=sys.stderr, flush=True)
 
