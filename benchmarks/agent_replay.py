@@ -11,11 +11,14 @@ those frames, from the session's first op, into a fresh in-process ``SessionExec
 the worker does (``messages.parse``, ``run_batch`` with a control-socket ``interrupted`` poll,
 ``call``, ``fetch``), and times the steps recorded between two marks, best of ``--repeat``.
 
-Printed per op of the timed steps (µs): the replay's total, the aten calls alone (the same
+Printed per op of the timed steps (µs of this thread's CPU time, which other processes on a
+shared machine disturb less than wall time; one intra-op thread): the replay's total, the aten calls alone (the same
 calls, captured once and re-issued bare: what native PyTorch would spend), the agent's own
 overhead (the difference), the JSON decode of the batch headers (``recv_frame``'s part, not in
-the total), and a cProfile split of the overhead by phase (profiled times are inflated by the
-profiler; read them as shares).
+the total), and the overhead split by phase (cProfile's shares of it, scaled to the measured
+overhead: the profiler inflates small Python functions, so only its proportions are used).
+``--baseline TREE`` replays another checkout's executor interleaved with this one (an A/B in
+one process); ``--cuda-bookkeeping`` keeps a CUDA agent's books on the CPU.
 """
 
 from __future__ import annotations
@@ -108,13 +111,18 @@ sess.close()
 
 PHASES = [  # (phase, substrings of "file:function" that belong to it), first match wins
     # Kernels registered in Python (attention's CPU kernels) count as the op, as aten's do.
-    ("op call (aten)", ["torch._ops.", "_ops.py:__call__", "attention.py", "cpu_kernels.py"]),
+    (
+        "op call (aten)",
+        ["torch._ops.", "_ops.py:__call__", "aten_kernel", "attention.py", "cpu_kernels.py"],
+    ),
     ("parse (messages)", ["messages.py"]),
     ("resolve", ["executor.py:__call__", "executor.py:_plan", "executor.py:plan"]),
     ("decode args", ["values.py", "executor.py:tensor"]),
     ("layout checks", ["layouts.py", "_ops.py:__hash__", "_ops.py:__eq__"]),
-    ("store/account", ["executor.py:_store", "executor.py:_account", "executor.py:_flat",
-                       "executor.py:_fail"]),
+    (
+        "store/account",
+        ["executor.py:_store", "executor.py:_account", "executor.py:_flat", "executor.py:_fail"],
+    ),
     ("free", ["executor.py:free"]),
     ("run-ahead marks", ["_bound_run_ahead"]),
     ("interrupt poll", ["agent_replay.py:interrupted"]),
@@ -160,22 +168,28 @@ def load(d):
 class Replayer:
     """Feeds recorded frames to a fresh executor the way ``agent/worker.py`` does."""
 
-    def __init__(self, frames, device):
+    registered = False
+
+    def __init__(self, frames, device, package="jupyter_elastic_gpu", cuda_bookkeeping=False):
+        import importlib
+
         import torch
 
-        from jupyter_elastic_gpu.agent import attention, cpu_kernels
-        from jupyter_elastic_gpu.agent.executor import SessionExecutor
-        from jupyter_elastic_gpu.protocol import messages as m
+        executor = importlib.import_module(f"{package}.agent.executor")
+        m = importlib.import_module(f"{package}.protocol.messages")
+        if not Replayer.registered:  # the kernels a worker registers at start (agent/worker.py)
+            from jupyter_elastic_gpu.agent import attention, cpu_kernels
 
-        # The kernels a worker registers at start (agent/worker.py).
-        if device == "cpu":
-            cpu_kernels.register()
-        attention.register(device)
+            if device == "cpu":
+                cpu_kernels.register()
+            attention.register(device)
+            Replayer.registered = True
 
         self.torch, self.m, self.frames = torch, m, frames
         self.device = torch.device(device)
-        self.executor_type = SessionExecutor
+        self.executor_type = executor.SessionExecutor
         self.marks = [i for i, (h, _) in enumerate(frames) if h == "mark"]
+        self.cuda_bookkeeping = cuda_bookkeeping
         # The worker polls its control socket for interrupts; so does the replay.
         self.ctl, self.peer = socket.socketpair()
 
@@ -192,6 +206,8 @@ class Replayer:
         ex = self.executor_type([self.device])
         # As the worker sets it: only a CPU agent counts bytes against the cap itself.
         ex.cap_bytes = 64 << 30 if self.device.type == "cpu" else None
+        if self.cuda_bookkeeping:
+            ex.cap_bytes, ex.accounting = None, False
         headers = [
             (None if h == "mark" else json.loads(h), [bytearray(b) for b in bufs])
             for h, bufs in self.frames
@@ -223,9 +239,9 @@ class Replayer:
         a, b = self.marks[0], self.marks[1]
         self.run(ex, headers, 0, a)
         self._sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.run(ex, headers, a, b)
-        issue = time.perf_counter() - t0
+        issue = time.thread_time() - c0
         self._sync()
         return issue, time.perf_counter() - t0
 
@@ -233,8 +249,9 @@ class Replayer:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
-    def aten_only(self, repeat):
-        """The marked steps' aten calls alone: captured once, then re-issued bare."""
+    def capture_aten(self):
+        """The marked steps' aten calls, captured once: re-issuing them bare (``reissue``)
+        costs what native PyTorch would spend on them."""
         from torch.utils._python_dispatch import TorchDispatchMode
 
         calls = []
@@ -249,18 +266,31 @@ class Replayer:
         self.run(ex, headers, 0, a)
         with Capture():
             self.run(ex, headers, a, b)
-        best = float("inf")
-        for _ in range(repeat):
-            self._sync()
-            t0 = time.perf_counter()
-            for func, args, kwargs in calls:
-                func(*args, **kwargs)
-            self._sync()
-            best = min(best, time.perf_counter() - t0)
-        return best, len(calls)
+        return calls
+
+    def reissue(self, calls):
+        self._sync()
+        t0 = time.thread_time()
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+        return time.thread_time() - t0
 
     def profile(self):
         ex, headers = self.fresh()
+        plan = getattr(ex, "_plan", None)
+        if plan is not None:
+            # The executor calls kernels directly, which cProfile cannot see: a Python frame
+            # around each (as OpOverload.__call__ is) bills their time to "op call".
+            def profiled_plan(name):
+                op, kernel, kind = plan(name)
+
+                def aten_kernel(*a, **k):
+                    return kernel(*a, **k)
+
+                ex._plans[name] = (op, aten_kernel, kind)
+                return ex._plans[name]
+
+            ex._plan = profiled_plan
         a, b = self.marks[0], self.marks[1]
         self.run(ex, headers, 0, a)
         prof = cProfile.Profile()
@@ -275,10 +305,10 @@ class Replayer:
         heads = [h for h, _ in self.frames[a:b] if h != "mark"]
         best = float("inf")
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for h in heads:
                 json.loads(h)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, time.thread_time() - t0)
         return best
 
 
@@ -304,6 +334,21 @@ def phases(stats: pstats.Stats) -> dict[str, float]:
     return out
 
 
+def load_baseline(tree: str) -> str:
+    """Import another checkout's package under another name, for an A/B in one process."""
+    import importlib.util
+
+    alias = "baseline_jupyter_elastic_gpu"
+    where = os.path.join(os.path.abspath(tree), "jupyter_elastic_gpu")
+    spec = importlib.util.spec_from_file_location(
+        alias, os.path.join(where, "__init__.py"), submodule_search_locations=[where]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = mod
+    spec.loader.exec_module(mod)
+    return alias
+
+
 def count_ops(frames, marks):
     n = 0
     for h, _ in frames[marks[0] : marks[1]]:
@@ -323,6 +368,18 @@ def main(argv=None):
     p.add_argument("--record-to", help="keep the recording in this folder")
     p.add_argument("--replay-only", help="replay the recordings in this folder")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument(
+        "--cuda-bookkeeping",
+        action="store_true",
+        help="on the CPU, keep the books as a CUDA agent does (no per-op byte accounting, the "
+        "allocator enforces the cap): the agent's overhead on a GPU, without one",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="also replay with the executor of this checkout (e.g. a `git archive` of main), "
+        "interleaved with this one's in the same process, and print both",
+    )
     opts = p.parse_args(argv)
     import torch
 
@@ -337,18 +394,34 @@ def main(argv=None):
     results = {}
     for d in dirs:
         rec, frames = load(d)
-        r = Replayer(frames, opts.device)
+        r = Replayer(frames, opts.device, cuda_bookkeeping=opts.cuda_bookkeeping)
+        base = (
+            Replayer(frames, opts.device, load_baseline(opts.baseline), opts.cuda_bookkeeping)
+            if opts.baseline
+            else None
+        )
         try:
             n = count_ops(frames, r.marks)
             r.timed()  # warm: first use of each op and overload
-            runs = [r.timed() for _ in range(opts.repeat)]
+            calls = r.capture_aten()
+            ncalls = len(calls)
+            runs, base_runs, bare = [], [], []
+            for _ in range(opts.repeat):  # interleaved, so that all see the same load
+                runs.append(r.timed())
+                bare.append(r.reissue(calls))
+                if base is not None:
+                    base_runs.append(base.timed())
+            del calls
             issue = min(x[0] for x in runs)
             total = min(x[1] for x in runs)
-            aten, ncalls = r.aten_only(opts.repeat)
+            aten = min(bare)
             decode = r.json_decode_seconds(opts.repeat)
             split = phases(r.profile())
+            split.pop("op call (aten)")  # measured without the profiler: "aten calls alone"
         finally:
             r.close()
+            if base is not None:
+                base.close()
         us = 1e6 / n
         res = {
             "ops": n,
@@ -359,25 +432,33 @@ def main(argv=None):
             "aten_calls": ncalls,
             "overhead_us_per_op": (issue - aten) * us,
             "json_decode_us_per_op": decode * us,
-            "profile_us_per_op": {k: v * us for k, v in split.items()},
+            # The profiler inflates small Python functions: its shares, scaled to the overhead.
+            "overhead_split_us_per_op": {
+                k: v / sum(split.values()) * (issue - aten) * us for k, v in split.items()
+            },
         }
+        if base_runs:
+            res["baseline_agent_us_per_op"] = min(x[0] for x in base_runs) * us
+            res["baseline_overhead_us_per_op"] = res["baseline_agent_us_per_op"] - aten * us
         results[rec["workload"]] = res
         print(
             f"\n{rec['workload']} on {opts.device}: {n} ops in {rec['steps']} steps "
             f"({res['ops_per_step']:.0f}/step), best of {opts.repeat}\n"
-            f"  agent (replay, issue)  {res['agent_us_per_op']:7.2f} us/op"
+            f"  agent (replay, issue)  {res['agent_us_per_op']:7.2f} us/op CPU"
+            f"   (wall incl. the GPU's tail {res['with_gpu_sync_us_per_op']:.2f})"
             + (
-                f"   with the GPU's tail {res['with_gpu_sync_us_per_op']:.2f}"
-                if opts.device != "cpu"
+                f"\n  baseline agent         {res['baseline_agent_us_per_op']:7.2f} us/op CPU"
+                f"   (overhead {res['baseline_overhead_us_per_op']:.2f})"
+                if base_runs
                 else ""
             )
             + f"\n  aten calls alone       {res['aten_only_us_per_op']:7.2f} us/op"
             f" ({ncalls} calls)\n"
             f"  agent overhead         {res['overhead_us_per_op']:7.2f} us/op\n"
             f"  JSON header decode     {res['json_decode_us_per_op']:7.2f} us/op (recv_frame, "
-            "not in the above)\n  cProfile split (inflated, per op):"
+            "not in the above)\n  overhead by phase (cProfile's shares of it):"
         )
-        for k, v in sorted(res["profile_us_per_op"].items(), key=lambda kv: -kv[1]):
+        for k, v in sorted(res["overhead_split_us_per_op"].items(), key=lambda kv: -kv[1]):
             print(f"    {k:22s} {v:7.2f}")
     if opts.json:
         with open(opts.json, "w") as f:
