@@ -340,7 +340,8 @@ class SessionExecutor:
             if rid:  # 0: the op wrote into one of its inputs, which already has an id
                 if type(rid) is not int or rid <= 0:
                     raise ProtocolError(f"bad output id {rid!r}")
-                self.free([rid])  # a reused id replaces its tensor
+                if rid in self.tensors or rid in self.failed:
+                    self.free([rid])  # a reused id replaces its tensor
                 self.tensors[rid] = t
                 if self.accounting:
                     self._account(rid, t)
