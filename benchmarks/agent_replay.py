@@ -187,6 +187,8 @@ class Replayer:
 
         self.torch, self.m, self.frames = torch, m, frames
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)  # as a worker names its GPUs
         self.executor_type = executor.SessionExecutor
         self.marks = [i for i, (h, _) in enumerate(frames) if h == "mark"]
         self.cuda_bookkeeping = cuda_bookkeeping
