@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..layouts import CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
-from ..protocol.messages import Free, ProtocolError, RunGraph, parse_record
+from ..protocol.messages import Free, ProtocolError, parse_record
 from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result
 
 # torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
@@ -48,6 +48,8 @@ _FACTORIES = frozenset(
         "empty_permuted",
     )
 )
+# What an op needs besides being called, decided once per op name (SessionExecutor._plan).
+_FACTORY, _CONVOLUTION, _LAYOUT_CHECKED, _UPLOAD = "factory", "convolution", "layout", "upload"
 # The agent runs ahead of the GPU by at most this much queued work (see _bound_run_ahead);
 # it bounds how long an interrupt waits for work already launched.
 RUN_AHEAD_SECONDS = 0.25
@@ -121,8 +123,6 @@ class SessionExecutor:
         self.failed: set[int] = set()  # ids an async error kept from being produced
         self.error: dict | None = None  # first async error since the last sync point
         self._next_agent_id = 0
-        # Storage accounting (views share a storage): enforces the slice's cap where no CUDA
-        # allocator does it for us (CPU mode), and reports memory_allocated.
         self.cap_bytes: int | None = None
         self.slice_cap = 0
         self.cancelled = False  # the batch running now was interrupted: skip the rest of it
@@ -130,10 +130,15 @@ class SessionExecutor:
         self._inflight: collections.deque = collections.deque()  # (time, event) marks
         self._new_event = torch.cuda.Event
         self.slice_name = "this slice"
+        # Storage accounting per op (views share a storage) only where no CUDA allocator
+        # enforces the cap and counts memory_allocated for us: a CPU agent. A CUDA agent adds
+        # up its storages only when asked (``in_use``: detach, swap, an OOM message).
+        self.accounting = not self.cuda
         self._storage_of: dict[int, int] = {}
         self._refs: dict[int, list] = {}
-        self.in_use = 0
+        self._in_use = 0
         self.peak = 0
+        self._plans: dict[str, tuple] = {}  # op name -> (OpOverload, its kernel, kind)
         self.decode = ArgumentDecoder(self.tensors, self.tensor, devices)
         self.graphs = None  # this session's compiled graphs (agent/graphs.py), if enabled
         # While swapped out: (host block, [(id, storage offset)], the device it came from).
@@ -155,29 +160,64 @@ class SessionExecutor:
         return t
 
     # -- execution -------------------------------------------------------------------
+    def _plan(self, name) -> tuple:
+        """Resolve ``name`` (allow-list, deny-list) once and remember what running it needs.
+
+        Only names that resolved are cached, so every refusal is decided afresh by the
+        resolver and nothing but a resolved ``OpOverload`` is ever called."""
+        op = self.resolve(name)
+        if op in CONVOLUTIONS:
+            kind = _CONVOLUTION
+        elif op in LAYOUT_CHECKED:
+            kind = _LAYOUT_CHECKED
+        elif op._schema.name in _FACTORIES:
+            kind = _FACTORY
+        elif op in UPLOADS and self.cuda:
+            kind = _UPLOAD
+        else:
+            kind = None
+        # OpOverload.__call__ is one Python frame around its kernel: call the kernel itself.
+        plan = (op, getattr(op, "_op", op), kind)
+        self._plans[name] = plan
+        return plan
+
     def run(self, name, args, kwargs, bufs, base=0):
         try:
-            op = self.resolve(name)
+            plan = self._plans.get(name) if type(name) is str else None
+            if plan is None:
+                plan = self._plan(name)
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise ProtocolError("op arguments must be a list and an object")
             a = self.decode.args(args, bufs, base)
             k = self.decode.kwargs(kwargs, bufs, base) if kwargs else {}
-            if self.cap_bytes is not None and op._schema.name in _FACTORIES:
-                self._precheck(op, a, k)
-            if op in UPLOADS and self.cuda:
-                _async_upload(op, a, k)
-            if op in CONVOLUTIONS:
-                return conform(op(*a, **k), a[0], a[1])
-            if op in LAYOUT_CHECKED:
-                a[0] = dense_input(a[0])
-            return op(*a, **k)
-        except torch.OutOfMemoryError as e:
+            return self._call(plan, a, k)
+        except Exception as e:
+            raise self._op_error(name, e) from (
+                None if isinstance(e, torch.OutOfMemoryError) else e
+            )
+
+    def _call(self, plan, a, k):
+        op, kernel, kind = plan
+        if kind is None:
+            return kernel(*a, **k)
+        if kind is _CONVOLUTION:
+            return conform(kernel(*a, **k), a[0], a[1])
+        if kind is _UPLOAD:
+            _async_upload(op, a, k)
+            return kernel(*a, **k)
+        if kind is _LAYOUT_CHECKED:
+            a[0] = dense_input(a[0])
+        elif self.cap_bytes is not None:  # a factory, on an agent that enforces the cap
+            self._precheck(op, a, k)
+        return kernel(*a, **k)
+
+    def _op_error(self, name, e: Exception) -> OpError:
+        if isinstance(e, torch.OutOfMemoryError):
             if "slice" not in str(e):  # the CUDA allocator's own message: say which slice
                 first = str(e).split("\n")[0]
                 e = torch.OutOfMemoryError(f"{self.oom_message(self.in_use)} ({first})")
-            raise OpError(name, e) from None
-        except Exception as e:
-            raise OpError(name if isinstance(name, str) else repr(name)[:100], e) from e
+            return OpError(name, e)
+        return OpError(name if isinstance(name, str) else repr(name)[:100], e)
 
     def _precheck(self, op, a, k):
         # Refuse an oversized factory before it allocates: on the CPU there is no allocator
@@ -189,32 +229,61 @@ class SessionExecutor:
                 n *= max(x, 0)
             dtype = k.get("dtype") or torch.get_default_dtype()
             need = n * torch.empty((), dtype=dtype).element_size()
-            if self.in_use + need > self.cap_bytes:
-                raise torch.OutOfMemoryError(self.oom_message(self.in_use + need))
+            if self._in_use + need > self.cap_bytes:
+                raise torch.OutOfMemoryError(self.oom_message(self._in_use + need))
 
     def run_batch(self, ops, bufs, free=(), interrupted=lambda: False) -> None:
         """Run queued ops; the first failure is kept for the next sync point, like CUDA's.
 
         ``interrupted()`` is polled every few ops: once it says so, the rest is skipped (their
-        outputs are never produced) so that an interrupt stops queued work promptly."""
+        outputs are never produced) so that an interrupt stops queued work promptly.
+
+        The loop is ``run`` and ``_store`` inlined for the common op (a name resolved before,
+        one new tensor out, and on a CUDA agent no byte accounting): this is paid per op."""
         self.cancelled = False
+        plans, tensors, failed = self._plans, self.tensors, self.failed
+        decode_args, cuda, accounting = self.decode.args, self.cuda, self.accounting
         for i, raw in enumerate(ops):
             rec = parse_record(raw)
-            if type(rec) is Free:
-                self.free(rec.ids)
-                continue
-            if type(rec) is RunGraph:
-                self._run_graph(rec)  # a compiled graph (agent/graphs.py), in stream order
+            if type(rec) is not list:
+                if type(rec) is Free:
+                    self.free(rec.ids)
+                else:
+                    self._run_graph(rec)  # a compiled graph (agent/graphs.py), in stream order
                 continue
             name, args, kwargs, outs, base = rec
             if self.cancelled or (i % 8 == 0 and interrupted()):
                 self.cancelled = True
                 self._fail(outs)
                 continue
-            if self.cuda and i % RUN_AHEAD_EVERY == RUN_AHEAD_EVERY - 1:
+            if cuda and i % RUN_AHEAD_EVERY == RUN_AHEAD_EVERY - 1:
                 self._bound_run_ahead()
             try:
-                self._store(self.run(name, args, kwargs, bufs, base), outs, name)
+                plan = plans.get(name) if type(name) is str else None
+                if plan is None:
+                    plan = self._plan(name)
+                a = decode_args(args, bufs, base)
+                if plan[2] is None and not kwargs:
+                    result = plan[1](*a)
+                else:
+                    result = self._call(plan, a, self.decode.kwargs(kwargs, bufs, base))
+            except Exception as e:
+                self._fail(outs)
+                if self.error is None:
+                    self.error = error_payload(self._op_error(name, e), deferred=True)
+                continue
+            if (
+                not accounting
+                and type(result) is torch.Tensor
+                and len(outs) == 1
+                and outs[0] > 0
+                and outs[0] not in tensors
+                and outs[0] not in failed
+            ):
+                tensors[outs[0]] = result  # one new tensor under a fresh id: nothing to undo
+                continue
+            try:
+                self._store(result, outs, name)
             except Exception as e:
                 self._fail(outs)
                 if self.error is None:
@@ -263,11 +332,12 @@ class SessionExecutor:
                 if rid in self.tensors or rid in self.failed:
                     self.free([rid])  # a reused id replaces its tensor
                 self.tensors[rid] = result
-                self._account(rid, result)
-                if self.cap_bytes is not None and self.in_use > self.cap_bytes:
-                    over = self.in_use
-                    self.free([rid])
-                    raise torch.OutOfMemoryError(self.oom_message(over))
+                if self.accounting:
+                    self._account(rid, result)
+                    if self.cap_bytes is not None and self._in_use > self.cap_bytes:
+                        over = self._in_use
+                        self.free([rid])
+                        raise torch.OutOfMemoryError(self.oom_message(over))
                 return
         flat = _flat(result, [])
         if not isinstance(outs, list) or len(outs) != len(flat):
@@ -277,14 +347,29 @@ class SessionExecutor:
             if rid:  # 0: the op wrote into one of its inputs, which already has an id
                 if type(rid) is not int or rid <= 0:
                     raise ProtocolError(f"bad output id {rid!r}")
-                self.free([rid])  # a reused id replaces its tensor
+                if rid in self.tensors or rid in self.failed:
+                    self.free([rid])  # a reused id replaces its tensor
                 self.tensors[rid] = t
-                self._account(rid, t)
+                if self.accounting:
+                    self._account(rid, t)
                 new.append(rid)
-        if self.cap_bytes is not None and self.in_use > self.cap_bytes:
-            over = self.in_use
+        if self.cap_bytes is not None and self.accounting and self._in_use > self.cap_bytes:
+            over = self._in_use
             self.free(new)
             raise torch.OutOfMemoryError(self.oom_message(over))
+
+    @property
+    def in_use(self) -> int:
+        """Bytes of this session's live storages (each storage once, however many views)."""
+        if self._swapped:
+            return 0  # on the host until the next attach
+        if self.accounting:
+            return self._in_use
+        seen = {}
+        for t in self.tensors.values():
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return sum(seen.values())
 
     def oom_message(self, wanted: int) -> str:
         gib = 1 << 30
@@ -301,9 +386,11 @@ class SessionExecutor:
         self._storage_of[rid] = ptr
         ref = self._refs.get(ptr)
         if ref is None:
-            self._refs[ptr] = [s.nbytes(), 1]
-            self.in_use += s.nbytes()
-            self.peak = max(self.peak, self.in_use)
+            n = s.nbytes()
+            self._refs[ptr] = [n, 1]
+            self._in_use += n
+            if self._in_use > self.peak:
+                self.peak = self._in_use
         else:
             ref[1] += 1
 
@@ -314,9 +401,15 @@ class SessionExecutor:
     def free(self, ids) -> None:
         if not isinstance(ids, list):
             raise ProtocolError("free must be a list of ids")
+        tensors = self.tensors
+        if not self.accounting and not self.failed:
+            for rid in ids:
+                if type(rid) is int:
+                    tensors.pop(rid, None)
+            return
         for rid in ids:
             if type(rid) is int:
-                self.tensors.pop(rid, None)
+                tensors.pop(rid, None)
                 self.failed.discard(rid)
                 ptr = self._storage_of.pop(rid, None)
                 ref = self._refs.get(ptr)
@@ -324,7 +417,7 @@ class SessionExecutor:
                     ref[1] -= 1
                     if ref[1] == 0:
                         del self._refs[ptr]
-                        self.in_use -= ref[0]
+                        self._in_use -= ref[0]
 
     def take_error(self) -> dict | None:
         err, self.error = self.error, None
@@ -332,16 +425,25 @@ class SessionExecutor:
 
     def call(self, name, args, kwargs, bufs):
         """Run one op now and describe its result (shapes for data-dependent outputs, values)."""
-        inputs = {id(t): rid for rid, t in self.tensors.items()}
-        return encode_result(
-            self.run(name, args, kwargs, bufs), lambda t: inputs.get(id(t)), self._keep_result
-        )
+        result = self.run(name, args, kwargs, bufs)
+        inputs = None
+
+        def input_id(t):
+            # Built on the first tensor in the result only: most calls (.item(), nonzero's
+            # count) return none, and this walks the session's whole table.
+            nonlocal inputs
+            if inputs is None:
+                inputs = {id(x): rid for rid, x in self.tensors.items()}
+            return inputs.get(id(t))
+
+        return encode_result(result, input_id, self._keep_result)
 
     def _keep_result(self, t) -> tuple[int, int]:
         # Below zero: the client numbers its tensors from 1 up, unaware of these.
         self._next_agent_id -= 1
         self.tensors[self._next_agent_id] = t
-        self._account(self._next_agent_id, t)
+        if self.accounting:
+            self._account(self._next_agent_id, t)
         return self._next_agent_id, self.devices.index(t.device) if t.device in self.devices else 0
 
     def fetch(self, rid):
@@ -350,8 +452,10 @@ class SessionExecutor:
             data = t  # sent before any later op runs: no copy needed
         else:
             # A dense copy (expanded or sliced tensors cannot be viewed as bytes), into pinned
-            # memory from a GPU: the copy runs at PCIe speed and is sent from where it lands.
-            data = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t)
+            # memory from a GPU when it is large: the copy runs at PCIe speed and is sent from
+            # where it lands (a scalar for .item() needs no allocator round trip).
+            pin = t.is_cuda and t.numel() * t.element_size() >= 1 << 16
+            data = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t)
         raw = (
             data.reshape(-1).view(torch.uint8)
             if data.numel()
@@ -395,7 +499,7 @@ class SessionExecutor:
             self._swapped.append((host, keep, device))
         self._storage_of.clear()
         self._refs.clear()
-        self.in_use = 0
+        self._in_use = 0
         return sum(b[0].numel() for b in blocks)
 
     def swap_in(self) -> int:
@@ -412,8 +516,9 @@ class SessionExecutor:
                     self.tensors[rid] = _view_of(dev, t, offset)
         self._synchronize()  # the host side (an arena extent) is handed back after this
         self._swapped = []
-        for rid, t in self.tensors.items():
-            self._account(rid, t)
+        if self.accounting:
+            for rid, t in self.tensors.items():
+                self._account(rid, t)
         return moved
 
     def _synchronize(self) -> None:

@@ -57,6 +57,7 @@ MEMORY_FORMATS = {
 }
 MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
 _SCALARS = (int, float, bool, str, type(None))
+_CPU = torch.device("cpu")
 
 
 def tensor_from_buffer(meta: dict, buf) -> torch.Tensor:
@@ -218,23 +219,37 @@ class ArgumentDecoder:
         self.tensors, self.lookup, self.devices = tensors, lookup, devices
 
     def args(self, args: list, bufs, base=0) -> list:
-        """An op's argument list, its two common cases (a scalar, a tensor id) inline: most
-        ops are a few of those, and this is paid once per op."""
+        """An op's argument list (or a list inside it), its common cases inline: a tensor id,
+        a scalar, a list of those (sizes, ``_foreach`` operands). This is paid for every
+        op; anything else takes the general path (``__call__``), which checks every tag."""
         out = []
         tensors = self.tensors
         for v in args:
             t = type(v)
-            if t is dict and len(v) == 1 and "t" in v:
-                x = tensors.get(v["t"]) if type(v["t"]) is int else None
-                out.append(x if x is not None else self.lookup(v["t"]))
-            elif t is int or t is float or t is bool or v is None:
+            if t is dict:
+                if len(v) == 1 and "t" in v:
+                    x = tensors.get(v["t"]) if type(v["t"]) is int else None
+                    out.append(x if x is not None else self.lookup(v["t"]))
+                else:
+                    out.append(self(v, bufs, base))
+            elif t is int or t is float or t is bool or v is None or t is str:
                 out.append(v)
+            elif t is list:
+                out.append(self.args(v, bufs, base))
             else:
                 out.append(self(v, bufs, base))
         return out
 
     def kwargs(self, kwargs: dict, bufs, base=0) -> dict:
-        return {str(key): self(val, bufs, base) for key, val in kwargs.items()}
+        # Keys are strings: the header is JSON, whose object keys can be nothing else.
+        out = {}
+        for key, v in kwargs.items():
+            t = type(v)
+            if t is int or t is float or t is bool or v is None or t is str:
+                out[key] = v
+            else:
+                out[key] = self(v, bufs, base)
+        return out
 
     def __call__(self, v, bufs, base=0):
         t = type(v)
@@ -249,12 +264,13 @@ class ArgumentDecoder:
         if tag == "t":
             return self.lookup(x)
         if tag == "dt":
-            if x not in DTYPES:
+            dtype = DTYPES.get(x) if type(x) is str else None
+            if dtype is None:
                 raise ProtocolError(f"unknown dtype {str(x)[:60]!r}")
-            return DTYPES[x]
+            return dtype
         if tag == "dev":
             if x == "cpu":
-                return torch.device("cpu")
+                return _CPU
             i = v.get("i", 0)
             if x != "cuda" or type(i) is not int or not 0 <= i < len(self.devices):
                 raise ProtocolError(
@@ -309,7 +325,13 @@ _RESULT_TAGS = frozenset({"t", "new", "tuple", "dt"})
 
 
 def _tag(v: dict, tags: frozenset) -> str:
+    if len(v) == 1:  # most tagged values are just their tag
+        for k in v:
+            if k in tags:
+                return k
     found = [k for k in v if k in tags]
     if len(found) != 1:
-        raise ProtocolError(f"a tagged value needs exactly one tag of {sorted(tags)}: {str(v)[:100]}")
+        raise ProtocolError(
+            f"a tagged value needs exactly one tag of {sorted(tags)}: {str(v)[:100]}"
+        )
     return found[0]
