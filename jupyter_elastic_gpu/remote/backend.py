@@ -59,21 +59,21 @@ class RemoteTensor(torch.Tensor):
             return op.special(func, args, kwargs or {})
         return _forward(func, args, kwargs or {}, op)
 
-    # ``_key`` stands for the wrapper's metadata in meta-inference cache keys, so it must change
-    # whenever the C++ metadata does: ``.data =`` is the one way to do that outside an op.
+    # ``x.data = y`` copies only y's C++ metadata into x; x must also name y's data on the
+    # agent (an alias there, as the two share storage on a GPU) and carry y's metadata key.
     @property
     def data(self):
         return _TENSOR_DATA.__get__(self)
 
     @data.setter
     def data(self, value):
-        _TENSOR_DATA.__set__(self, value)
+        _TENSOR_DATA.__set__(self, value)  # torch's checks (compatible types) come first
         if type(value) is RemoteTensor:
+            alias = torch.ops.aten.alias.default(value)
+            # The alias wrapper takes over our old id, so dropping it frees that on the agent.
+            self._rid, alias._rid = alias._rid, self._rid
+            self._sess, self._idx = value._sess, value._idx
             self._nbytes, self._key = value._nbytes, value._key
-        else:
-            self._key = _meta_key(
-                (tuple(self.shape), self.stride(), self.storage_offset(), self.dtype, self._nbytes)
-            )
 
     def __del__(self):
         if self._rid:  # id 0: a metadata donor that owns nothing
@@ -360,8 +360,10 @@ _CPU_TENSOR_ARGS_OK = {
 
 
 def _restride(x, size, stride, offset, dtype, nbytes, sess, key):
-    """Give wrapper ``x`` new metadata in place (``.data =`` shallow-copies a TensorImpl)."""
-    x.data = _new_wrapper(sess, 0, size, stride, offset, dtype, nbytes, x._idx, key)
+    """Give wrapper ``x`` new metadata in place (torch's ``.data`` setter shallow-copies a
+    TensorImpl; ours would also re-point ``x`` at the donor's data)."""
+    _TENSOR_DATA.__set__(x, _new_wrapper(sess, 0, size, stride, offset, dtype, nbytes, x._idx, key))
+    x._nbytes, x._key = nbytes, key
 
 
 # Ops whose int results are sequence lengths that meta inference computes exactly (their
