@@ -45,8 +45,14 @@ def gpt2_step(steps=2):
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        vocab_size=1000,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = transformers.GPT2LMHeadModel(cfg).to("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

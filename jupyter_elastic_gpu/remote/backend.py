@@ -44,10 +44,9 @@ class RemoteTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, sess, rid, size, stride, offset, dtype, nbytes, index=0):
-        size, stride = tuple(size), tuple(stride)
+        meta = (tuple(size), tuple(stride), offset, dtype, nbytes)
         return _new_wrapper(
-            sess, rid, size, stride, offset, dtype, nbytes, index,
-            _meta_key((size, stride, offset, dtype, nbytes)),
+            sess, rid, meta[0], _wrapper_kwargs(*meta[:4]), nbytes, index, _meta_key(meta)
         )
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -200,11 +199,24 @@ _mws = torch.Tensor._make_wrapper_subclass
 _TENSOR_DATA = torch._C.TensorBase.data
 
 
-def _new_wrapper(sess, rid, size, stride, offset, dtype, nbytes, idx, key):
-    r = _mws(
-        RemoteTensor, size, strides=stride, storage_offset=offset, dtype=dtype,
-        device=sess.devices[idx],
-    )
+def _wrapper_kwargs(size, stride, offset, dtype):
+    """``_make_wrapper_subclass`` arguments beside size and device, made once per output spec:
+    the strides and offset only where they are not the defaults, which torch fills in faster
+    than it parses them."""
+    kw = {"dtype": dtype}
+    contiguous, acc = [], 1
+    for n in reversed(size):
+        contiguous.append(acc)
+        acc *= max(n, 1)
+    if offset:  # torch takes an offset only with strides
+        kw["strides"], kw["storage_offset"] = stride, offset
+    elif tuple(stride) != tuple(reversed(contiguous)):
+        kw["strides"] = stride
+    return kw
+
+
+def _new_wrapper(sess, rid, size, kw, nbytes, idx, key):
+    r = _mws(RemoteTensor, size, device=sess.devices[idx], **kw)
     r._sess = sess
     r._rid = rid
     r._nbytes = nbytes
@@ -225,8 +237,8 @@ class _Op:
         # Float scalars change no output metadata of elementwise and foreach ops (only their
         # kind takes part in type promotion), yet optimizers pass new ones every step (lr
         # schedules, bias corrections): keying them by value would miss the cache every step.
-        self.scalar_free = (
-            torch.Tag.pointwise in func.tags or func._schema.name.startswith("aten::_foreach_")
+        self.scalar_free = torch.Tag.pointwise in func.tags or func._schema.name.startswith(
+            "aten::_foreach_"
         )
 
 
@@ -262,29 +274,6 @@ _encode = argument_encoder(RemoteTensor, _remote_ref)
 _encode_scalar_free = argument_encoder(RemoteTensor, _remote_ref, _float_key)
 
 
-def _encode_args(args, sig, bufs, inputs, scalar_free):
-    """``_encode`` of an op's positional arguments (same wire form, same cache key), with
-    remote tensors and plain scalars inline: they are nearly all arguments of nearly all ops,
-    and this runs once per op."""
-    sig.append(len(args))
-    out = []
-    for v in args:
-        t = type(v)
-        if t is RemoteTensor and v._sess is _session:
-            sig.append(v._key)
-            inputs.append(v)
-            out.append({"t": v._rid})
-        elif t is float:
-            sig.append(_float_key(v) if scalar_free else (t, v))
-            out.append(v)
-        elif t is int or t is bool or v is None:
-            sig.append((t, v))
-            out.append(v)
-        else:
-            out.append((_encode_scalar_free if scalar_free else _encode)(v, sig, bufs, inputs))
-    return out
-
-
 def _to_meta(v, metas):
     """Meta stand-ins for an op's arguments; ``metas`` gets those of remote tensors, in order."""
     if isinstance(v, RemoteTensor):
@@ -309,17 +298,19 @@ class _NeedsAgent(Exception):
 
 def _out_spec(res, meta_inputs, sizes_ok=False):
     """Describe an op's meta result so it can be rebuilt from the cache without re-running:
-    ``("n", size, stride, offset, dtype, nbytes, key)`` a new tensor, ``("a", k, meta, key)``
-    input ``k`` (with new metadata), ``("l", type, specs)`` a list or tuple, ``("v", value)``.
+    ``("n", size, wrapper kwargs, nbytes, key)`` a new tensor, ``("a", k, size, kwargs,
+    nbytes, key)`` input ``k`` (metadata as given), ``("l", type, specs)`` a list or tuple,
+    ``("v", value)`` a value.
 
     ``sizes_ok``: int results are sizes, which meta inference knows exactly."""
     if isinstance(res, torch.Tensor):
         meta = _meta_of(res)
+        out = (meta[0], _wrapper_kwargs(*meta[:4]), meta[4], _meta_key(meta))
         for k, m in enumerate(meta_inputs):
             if res is m:
                 # In-place metadata ops (squeeze_, t_, resize_...) change the input's shape too.
-                return ("a", k, meta, _meta_key(meta))
-        return ("n", *meta, _meta_key(meta))
+                return ("a", k, *out)
+        return ("n", *out)
     if type(res) in (list, tuple):
         return ("l", type(res), tuple(_out_spec(r, meta_inputs, sizes_ok) for r in res))
     if res is None or (sizes_ok and type(res) is int):
@@ -337,12 +328,12 @@ def _build(spec, inputs, ids, sess, idx=0):
     if kind == "n":
         rid = sess.new_id()
         ids.append(rid)
-        return _new_wrapper(sess, rid, spec[1], spec[2], spec[3], spec[4], spec[5], idx, spec[6])
+        return _new_wrapper(sess, rid, spec[1], spec[2], spec[3], idx, spec[4])
     if kind == "a":
         ids.append(0)
         x = inputs[spec[1]]
-        if x._key != spec[3]:
-            _restride(x, *spec[2], sess, spec[3])
+        if x._key != spec[5]:
+            _restride(x, spec[2], spec[3], spec[4], spec[5], sess)
         return x
     if kind == "l":
         return spec[1](_build(s, inputs, ids, sess, idx) for s in spec[2])
@@ -359,10 +350,10 @@ _CPU_TENSOR_ARGS_OK = {
 }
 
 
-def _restride(x, size, stride, offset, dtype, nbytes, sess, key):
+def _restride(x, size, kw, nbytes, key, sess):
     """Give wrapper ``x`` new metadata in place (torch's ``.data`` setter shallow-copies a
     TensorImpl; ours would also re-point ``x`` at the donor's data)."""
-    _TENSOR_DATA.__set__(x, _new_wrapper(sess, 0, size, stride, offset, dtype, nbytes, x._idx, key))
+    _TENSOR_DATA.__set__(x, _new_wrapper(sess, 0, size, kw, nbytes, x._idx, key))
     x._nbytes, x._key = nbytes, key
 
 
@@ -388,10 +379,26 @@ def _forward(func, args, kwargs, op=None):
     if op is None:
         op = _OPS.get(func) or _op_record(func)
     scalar_free = op.scalar_free
-    sig = []
+    sig = [len(args)]
     bufs = []
     inputs = []  # remote tensor arguments in order, for ops that return one of them
-    eargs = _encode_args(args, sig, bufs, inputs, scalar_free)
+    # ``_encode`` of the positional arguments (same wire form, same key), with remote tensors
+    # and plain scalars inline: they are nearly all arguments of nearly all ops.
+    eargs = []
+    for v in args:
+        t = type(v)
+        if t is RemoteTensor and v._sess is sess:
+            sig.append(v._key)
+            inputs.append(v)
+            eargs.append({"t": v._rid})
+        elif t is float:
+            sig.append(_float_key(v) if scalar_free else (t, v))
+            eargs.append(v)
+        elif t is int or t is bool or v is None:
+            sig.append((t, v))
+            eargs.append(v)
+        else:
+            eargs.append((_encode_scalar_free if scalar_free else _encode)(v, sig, bufs, inputs))
     if kwargs:
         enc = _encode_scalar_free if scalar_free else _encode
         ekwargs = {k: enc(v, sig, bufs, inputs) for k, v in kwargs.items()}
@@ -431,7 +438,7 @@ def _forward(func, args, kwargs, op=None):
     if spec[0] == "n":  # one new tensor: most ops
         rid = sess.new_id()
         ids = [rid]
-        out = _new_wrapper(sess, rid, spec[1], spec[2], spec[3], spec[4], spec[5], idx, spec[6])
+        out = _new_wrapper(sess, rid, spec[1], spec[2], spec[3], idx, spec[4])
     else:
         ids = []
         out = _build(spec, inputs, ids, sess, idx)
