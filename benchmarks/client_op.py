@@ -2,6 +2,9 @@
 
     python benchmarks/client_op.py [--device cpu|cuda] [--reps 20] [--profile]
 
+On the GPU machine: ``python benchmarks/client_op.py --device cuda`` (the agent takes the GPU;
+this process hides CUDA from itself, as a kernel on a CPU node would).
+
 Starts an agent on loopback and attaches this process to it (CUDA hidden, as on a CPU node),
 then times how long the Python thread spends issuing ops, not how long they take to run:
 
@@ -12,7 +15,8 @@ then times how long the Python thread spends issuing ops, not how long they take
 Each reports the best rep (other processes share the machine) as µs per op. The agent runs
 alongside, so on a machine with few cores its work competes with the client's; a sync between
 reps keeps its backlog out of the next rep. ``--profile`` adds a cProfile table of each loop
-(µs per op by function, own time), which shows the split by phase.
+(µs per op by function, own time), which shows the split by phase; it sees the main thread
+only (autograd runs backward ops on its device thread): ``py-spy record --threads`` sees both.
 """
 
 from __future__ import annotations
@@ -124,7 +128,11 @@ def main():
         ):
             if a.only and name != a.only:
                 continue
-            rep = make()
+            try:
+                rep = make()
+            except ImportError as e:
+                print(f"{name}: skipped ({e})")
+                continue
             us, n = measure(sess, rep, reps)
             res[name] = {"client_us_per_op": round(us, 2), "ops_per_rep": n}
             print(f"{name}: {us:.2f} us/op issued (best of {reps} x {n} ops)", flush=True)
