@@ -133,24 +133,34 @@ def as_buffer(t: torch.Tensor):
 # -- client: arguments out, results in --------------------------------------------------------
 
 
-def argument_encoder(remote_type: type, remote_ref):
+def argument_encoder(remote_type: type, remote_ref, float_key=None):
     """The client's per-op encoder: one pass builds the wire form, the meta-inference cache
     key ``sig`` and the CPU tensors to upload (``bufs``).
 
     ``remote_ref(v, sig, inputs)`` turns a ``remote_type`` tensor into its id (checking it
-    belongs to the live session, recording it in ``sig`` and ``inputs``). A closure, not a
-    class: this runs for every argument of every op, and cell lookups are the cheapest."""
+    belongs to the live session, recording it in ``sig`` and ``inputs``). ``float_key(v)``,
+    if given, is what a float stands for in ``sig`` (else its type and value). A closure, not
+    a class: this runs for every argument of every op, and cell lookups are the cheapest."""
 
     def encode(v, sig, bufs, inputs):
         t = type(v)
         if t is remote_type or isinstance(v, remote_type):
             return {"t": remote_ref(v, sig, inputs)}
+        if t is float and float_key is not None:
+            sig.append(float_key(v))
+            return v
         if t in _SCALARS:
             sig.append((t, v))
             return v
         if t is list or t is tuple or t is torch.Size:
             sig.append(len(v))
-            return [encode(x, sig, bufs, inputs) for x in v]
+            out = []
+            for x in v:  # tensor lists (foreach ops, cat) are the long ones: tensors inline
+                if type(x) is remote_type:
+                    out.append({"t": remote_ref(x, sig, inputs)})
+                else:
+                    out.append(encode(x, sig, bufs, inputs))
+            return out
         if t is torch.dtype:
             sig.append(v)
             return {"dt": DTYPE_NAMES[v]}

@@ -13,6 +13,8 @@ guard for the wrapper's device; user-facing names say ``cuda`` (see ``cuda_facad
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
@@ -42,26 +44,35 @@ class RemoteTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, sess, rid, size, stride, offset, dtype, nbytes, index=0):
-        r = torch.Tensor._make_wrapper_subclass(
-            cls,
-            size,
-            strides=stride,
-            storage_offset=offset,
-            dtype=dtype,
-            device=sess.devices[index],
-            requires_grad=False,
+        meta = (tuple(size), tuple(stride), offset, dtype, nbytes)
+        return _new_wrapper(
+            sess, rid, meta[0], _wrapper_kwargs(*meta[:4]), nbytes, index, _meta_key(meta)
         )
-        r._sess = sess
-        r._rid = rid
-        r._nbytes = nbytes
-        r._idx = index  # which of the session's GPUs (cuda:N): a lease above 1 has several
-        return r
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return _dispatch(func, args, kwargs or {})
+        op = _OPS.get(func) or _op_record(func)
+        if op.special is not None:
+            return op.special(func, args, kwargs or {})
+        return _forward(func, args, kwargs or {}, op)
+
+    # ``x.data = y`` copies only y's C++ metadata into x; x must also name y's data on the
+    # agent (an alias there, as the two share storage on a GPU) and carry y's metadata key.
+    @property
+    def data(self):
+        return _TENSOR_DATA.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        _TENSOR_DATA.__set__(self, value)  # torch's checks (compatible types) come first
+        if type(value) is RemoteTensor:
+            alias = torch.ops.aten.alias.default(value)
+            # The alias wrapper takes over our old id, so dropping it frees that on the agent.
+            self._rid, alias._rid = alias._rid, self._rid
+            self._sess, self._idx = value._sess, value._idx
+            self._nbytes, self._key = value._nbytes, value._key
 
     def __del__(self):
         if self._rid:  # id 0: a metadata donor that owns nothing
@@ -163,8 +174,89 @@ def _index_lists_to_tensors(index, device):
 
 
 # ---------------------------------------------------------------------------------------
-# Argument encoding (protocol/values.py): one pass builds the wire form, the meta-inference
-# cache key and the list of CPU buffers to upload.
+# The per-op hot path. One pass over the arguments builds the wire form, the meta-inference
+# cache key and the list of CPU buffers to upload; a cache hit then needs no meta tensors.
+# A wrapper's metadata enters the key as one small int (``_key``, interned when the wrapper is
+# made), not as the shape, strides, offset and dtype read back from C++ for every op.
+
+_META_KEYS: dict = {}
+# Never reused, so the intern table may be cleared; negative, so a key never reads as one of
+# the list lengths beside it in a signature.
+_next_key = itertools.count(-1, -1).__next__
+
+
+def _meta_key(meta):
+    """The int that stands for ``(size, stride, offset, dtype, nbytes)`` in cache keys."""
+    k = _META_KEYS.get(meta)
+    if k is None:
+        if len(_META_KEYS) > 1_000_000:
+            _META_KEYS.clear()
+        k = _META_KEYS[meta] = _next_key()
+    return k
+
+
+_mws = torch.Tensor._make_wrapper_subclass
+_TENSOR_DATA = torch._C.TensorBase.data
+
+
+def _wrapper_kwargs(size, stride, offset, dtype):
+    """``_make_wrapper_subclass`` arguments beside size and device, made once per output spec:
+    the strides and offset only where they are not the defaults, which torch fills in faster
+    than it parses them."""
+    kw = {"dtype": dtype}
+    contiguous, acc = [], 1
+    for n in reversed(size):
+        contiguous.append(acc)
+        acc *= max(n, 1)
+    if offset:  # torch takes an offset only with strides
+        kw["strides"], kw["storage_offset"] = stride, offset
+    elif tuple(stride) != tuple(reversed(contiguous)):
+        kw["strides"] = stride
+    return kw
+
+
+def _new_wrapper(sess, rid, size, kw, nbytes, idx, key):
+    r = _mws(RemoteTensor, size, device=sess.devices[idx], **kw)
+    r._sess = sess
+    r._rid = rid
+    r._nbytes = nbytes
+    r._idx = idx  # which of the session's GPUs (cuda:N): a lease above 1 has several
+    r._key = key
+    return r
+
+
+class _Op:
+    """What the hot path needs to know about one op, looked up once per call."""
+
+    __slots__ = ("name", "special", "cache", "scalar_free")
+
+    def __init__(self, func):
+        self.name = f"{func._schema.name}.{func._overloadname}"
+        self.special = SPECIAL.get(func)
+        self.cache = {}  # argument signature -> output spec (or _SYNC)
+        # Float scalars change no output metadata of elementwise and foreach ops (only their
+        # kind takes part in type promotion), yet optimizers pass new ones every step (lr
+        # schedules, bias corrections): keying them by value would miss the cache every step.
+        self.scalar_free = torch.Tag.pointwise in func.tags or func._schema.name.startswith(
+            "aten::_foreach_"
+        )
+
+
+_OPS: dict = {}
+
+
+def _op_record(func):
+    op = _OPS[func] = _Op(func)
+    return op
+
+
+def _float_key(v):
+    # Values beyond int8's range may overflow a conversion (an error meta inference reports),
+    # so they keep their value in the key; the rest share one entry.
+    return _FLOAT if -128.0 <= v <= 127.0 else (float, v)
+
+
+_FLOAT = (float,)
 
 
 def _remote_ref(v, sig, inputs):
@@ -173,32 +265,13 @@ def _remote_ref(v, sig, inputs):
             "this tensor belongs to an earlier remote GPU session (detached or "
             "re-attached since), so its data is gone"
         )
-    sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
+    sig.append(v._key)
     inputs.append(v)
     return v._rid
 
 
 _encode = argument_encoder(RemoteTensor, _remote_ref)
-
-
-def _encode_args(args, sig, bufs, inputs):
-    """``_encode`` of an op's positional arguments (same wire form, same cache key), with
-    remote tensors and plain scalars inline: they are nearly all arguments of nearly all ops,
-    and this runs once per op."""
-    sig.append(len(args))
-    out = []
-    for v in args:
-        t = type(v)
-        if t is RemoteTensor and v._sess is _session:
-            sig.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v._nbytes))
-            inputs.append(v)
-            out.append({"t": v._rid})
-        elif t is float or t is int or t is bool or v is None:
-            sig.append((t, v))
-            out.append(v)
-        else:
-            out.append(_encode(v, sig, bufs, inputs))
-    return out
+_encode_scalar_free = argument_encoder(RemoteTensor, _remote_ref, _float_key)
 
 
 def _to_meta(v, metas):
@@ -224,15 +297,20 @@ class _NeedsAgent(Exception):
 
 
 def _out_spec(res, meta_inputs, sizes_ok=False):
-    """Describe an op's meta result so it can be rebuilt from the cache without re-running.
+    """Describe an op's meta result so it can be rebuilt from the cache without re-running:
+    ``("n", size, wrapper kwargs, nbytes, key)`` a new tensor, ``("a", k, size, kwargs,
+    nbytes, key)`` input ``k`` (metadata as given), ``("l", type, specs)`` a list or tuple,
+    ``("v", value)`` a value.
 
     ``sizes_ok``: int results are sizes, which meta inference knows exactly."""
     if isinstance(res, torch.Tensor):
+        meta = _meta_of(res)
+        out = (meta[0], _wrapper_kwargs(*meta[:4]), meta[4], _meta_key(meta))
         for k, m in enumerate(meta_inputs):
             if res is m:
                 # In-place metadata ops (squeeze_, t_, resize_...) change the input's shape too.
-                return ("a", k, _meta_of(res))
-        return ("n", *_meta_of(res))
+                return ("a", k, *out)
+        return ("n", *out)
     if type(res) in (list, tuple):
         return ("l", type(res), tuple(_out_spec(r, meta_inputs, sizes_ok) for r in res))
     if res is None or (sizes_ok and type(res) is int):
@@ -250,13 +328,12 @@ def _build(spec, inputs, ids, sess, idx=0):
     if kind == "n":
         rid = sess.new_id()
         ids.append(rid)
-        return RemoteTensor(sess, rid, spec[1], spec[2], spec[3], spec[4], spec[5], idx)
+        return _new_wrapper(sess, rid, spec[1], spec[2], spec[3], idx, spec[4])
     if kind == "a":
         ids.append(0)
         x = inputs[spec[1]]
-        size, stride, offset, dtype, nbytes = spec[2]
-        if x.shape != size or x.stride() != stride or x.storage_offset() != offset:
-            _restride(x, size, stride, offset, dtype, nbytes, sess)
+        if x._key != spec[5]:
+            _restride(x, spec[2], spec[3], spec[4], spec[5], sess)
         return x
     if kind == "l":
         return spec[1](_build(s, inputs, ids, sess, idx) for s in spec[2])
@@ -273,66 +350,99 @@ _CPU_TENSOR_ARGS_OK = {
 }
 
 
-def _restride(x, size, stride, offset, dtype, nbytes, sess):
-    """Give wrapper ``x`` new metadata in place (``.data =`` shallow-copies a TensorImpl)."""
-    donor = RemoteTensor(sess, 0, size, stride, offset, dtype, nbytes, x._idx)
-    x.data = donor
-    x._nbytes = nbytes
+def _restride(x, size, kw, nbytes, key, sess):
+    """Give wrapper ``x`` new metadata in place (torch's ``.data`` setter shallow-copies a
+    TensorImpl; ours would also re-point ``x`` at the donor's data)."""
+    _TENSOR_DATA.__set__(x, _new_wrapper(sess, 0, size, kw, nbytes, x._idx, key))
+    x._nbytes, x._key = nbytes, key
 
 
 # Ops whose int results are sequence lengths that meta inference computes exactly (their
 # schemas say SymInt); any other int result depends on data and makes the op synchronous.
 _INT_RESULTS_ARE_SIZES = {torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default}
-_meta_cache: dict = {}
 _SYNC = object()  # cache marker: this signature must run on the agent synchronously
+_CACHE_MAX = 20_000  # signatures per op; a workload of ever-new shapes starts over
 
 
 def _dispatch(func, args, kwargs):
-    special = SPECIAL.get(func)
-    if special is not None:
-        return special(func, args, kwargs)
-    return _forward(func, args, kwargs)
+    op = _OPS.get(func) or _op_record(func)
+    if op.special is not None:
+        return op.special(func, args, kwargs)
+    return _forward(func, args, kwargs, op)
 
 
-def _forward(func, args, kwargs):
+def _forward(func, args, kwargs, op=None):
     """Queue ``func`` for the agent and return its outputs' wrappers without waiting."""
-    sess = current_session()
-    sig = [func]
+    sess = _session
+    if sess is None:
+        current_session()  # raises, saying how to attach
+    if op is None:
+        op = _OPS.get(func) or _op_record(func)
+    scalar_free = op.scalar_free
+    sig = [len(args)]
     bufs = []
     inputs = []  # remote tensor arguments in order, for ops that return one of them
-    eargs = _encode_args(args, sig, bufs, inputs)
+    # ``_encode`` of the positional arguments (same wire form, same key), with remote tensors
+    # and plain scalars inline: they are nearly all arguments of nearly all ops.
+    eargs = []
+    for v in args:
+        t = type(v)
+        if t is RemoteTensor and v._sess is sess:
+            sig.append(v._key)
+            inputs.append(v)
+            eargs.append({"t": v._rid})
+        elif t is float:
+            sig.append(_float_key(v) if scalar_free else (t, v))
+            eargs.append(v)
+        elif t is int or t is bool or v is None:
+            sig.append((t, v))
+            eargs.append(v)
+        else:
+            eargs.append((_encode_scalar_free if scalar_free else _encode)(v, sig, bufs, inputs))
     if kwargs:
-        ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()}
+        enc = _encode_scalar_free if scalar_free else _encode
+        ekwargs = {k: enc(v, sig, bufs, inputs) for k, v in kwargs.items()}
         sig.append(tuple(kwargs))
     else:
         ekwargs = {}
-        sig.append(())
     if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
         raise RuntimeError(
             "Expected all tensors to be on the same device, but found at least two "
             f"devices, cuda:0 and cpu! (in {func})"
         )
     key = tuple(sig)
-    spec = _meta_cache.get(key)
+    cache = op.cache
+    spec = cache.get(key)
     if spec is None:
         spec = _infer(func, args, kwargs, inputs)
-        if len(_meta_cache) > 100_000:
-            _meta_cache.clear()
-        _meta_cache[key] = spec
+        # A scalar-free key stands for many scalar values; one that fails to infer may be the
+        # odd value out (an overflow), so it is not held against the others.
+        if spec is not _SYNC or not scalar_free:
+            if len(cache) > _CACHE_MAX:
+                cache.clear()
+            cache[key] = spec
     if spec is _SYNC:
         return sess.call(func, eargs, ekwargs, bufs, inputs)
-    ids = []
     # Outputs live where the op runs: an explicit device argument, else its first input's GPU.
-    d = kwargs.get("device")
-    idx = (
-        d.index or 0
-        if type(d) is torch.device and d.type == BACKEND
-        else inputs[0]._idx
-        if inputs
-        else 0
-    )
-    out = _build(spec, inputs, ids, sess, idx)
-    sess.enqueue(func, eargs, ekwargs, ids, bufs)
+    if kwargs:
+        d = kwargs.get("device")
+        idx = (
+            d.index or 0
+            if type(d) is torch.device and d.type == BACKEND
+            else inputs[0]._idx
+            if inputs
+            else 0
+        )
+    else:
+        idx = inputs[0]._idx if inputs else 0
+    if spec[0] == "n":  # one new tensor: most ops
+        rid = sess.new_id()
+        ids = [rid]
+        out = _new_wrapper(sess, rid, spec[1], spec[2], spec[3], idx, spec[4])
+    else:
+        ids = []
+        out = _build(spec, inputs, ids, sess, idx)
+    sess.enqueue(op.name, eargs, ekwargs, ids, bufs)
     return out
 
 

@@ -143,7 +143,8 @@ class RemoteSession:
         self._next_id += 1
         return self._next_id
 
-    def enqueue(self, func, eargs, ekwargs, ids, bufs) -> None:
+    def enqueue(self, name, eargs, ekwargs, ids, bufs) -> None:
+        """Queue op ``name`` (``aten::add.Tensor``: its wire name, which the caller keeps)."""
         if not self.attached:
             self.attach()
         with self._lock:
@@ -153,7 +154,7 @@ class RemoteSession:
                 self._pending.append({"free": freed})  # an m.Free record
             # An m.Run record, built as the bare list it is on the wire: this runs once per op,
             # and the agent validates every record it receives (messages.parse_record).
-            self._pending.append([_op_name(func), eargs, ekwargs, ids, len(self._bufs)])
+            self._pending.append([name, eargs, ekwargs, ids, len(self._bufs)])
             self.stats["ops"] += 1
             send_now = False
             if bufs:
