@@ -117,6 +117,7 @@ class SessionWorker:
             cmd += ["--arena", f"{agent.arena.fd},{agent.arena.size}"]
             fds.append(agent.arena.fd)
         self.extent = None  # the swap arena's extent holding this session while swapped out
+        self.gpu_total = None  # the device's memory as its CUDA context sees it
         self.proc = subprocess.Popen(cmd, pass_fds=fds, env=env, start_new_session=True)
         child.close()
         threading.Thread(target=self._events, daemon=True, name=f"worker-{self.proc.pid}").start()
@@ -215,6 +216,7 @@ class SessionWorker:
             elif kind == "attaching":
                 self.user, self.fraction = ev.get("user") or self.user, ev.get("fraction", 0)
                 self.cap = ev.get("need", 0)
+                self.gpu_total = ev.get("total")
                 self.attaching = True
                 threading.Thread(
                     target=self._make_room_then_proceed, args=(ev.get("need", 0),), daemon=True
@@ -510,7 +512,10 @@ class Agent:
         if self.swap_policy == "never":
             return
         gpu = worker.gpus[0]
-        total = self.gpu_memory(gpu)
+        # The slice's cap is a share of what CUDA reports (less than NVML's total by the
+        # driver's reserve): measured against NVML's, a whole-GPU slice would seem to fit
+        # beside idle sessions that in fact leave it short.
+        total = min(self.gpu_memory(gpu), worker.gpu_total or float("inf"))
         while True:
             with self.lock:
                 same = [w for w in self.workers.values() if w is not worker and gpu in w.gpus]

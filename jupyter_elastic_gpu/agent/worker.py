@@ -285,7 +285,13 @@ class Worker:
             return
         self._apply_cap()
         # The agent may swap idle sessions out to make room for this one first.
-        self.notify(event="attaching", user=self.user, fraction=self.fraction, need=self.cap_bytes)
+        self.notify(
+            event="attaching",
+            user=self.user,
+            fraction=self.fraction,
+            need=self.cap_bytes,
+            total=self.device_info()["total_memory"],
+        )
         self.wait_for("proceed")
         if self.swapped:
             self.swap_in()
