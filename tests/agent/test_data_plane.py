@@ -142,3 +142,44 @@ def test_run_ahead_waits_once_the_gpu_is_more_than_the_budget_behind(monkeypatch
     oldest = ex._inflight[0][0]
     assert clock[0] - step - oldest < ex_mod.RUN_AHEAD_SECONDS
     assert all(w.done for w in waits)
+
+
+def test_ends_that_poll_for_the_next_frame_keep_answers_in_order_and_ctrl_c_working(make_agent):
+    """Where cores allow, client and worker poll before sleeping (ELASTIC_GPU_SPIN_US; off on
+    machines under 4 cores, like CI's): the same answers, and Ctrl-C still stops queued work."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    spin = {"ELASTIC_GPU_SPIN_US": "2000"}
+    agent = make_agent(env=spin)
+    prog = textwrap.dedent(f"""
+        import signal, threading, torch
+        from jupyter_elastic_gpu import remote
+        from jupyter_elastic_gpu.remote import session
+        from jupyter_elastic_gpu.agent import worker
+        assert session.SPIN_SECONDS == worker.SPIN_SECONDS == 0.002
+        remote.attach({agent.address!r}, fraction=1.0)
+        x = torch.arange(16.0, device="cuda")
+        print("sums", [(x[i] + 1).item() for i in range(16)] == [float(i + 1) for i in range(16)])
+        y = torch.ones(256, 256, device="cuda")
+        for _ in range(3000):
+            y = (y @ y) / 256
+        threading.Timer(0.5, lambda: signal.raise_signal(signal.SIGINT)).start()
+        try:
+            y.sum().item()
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+        print("after", torch.ones(3, device="cuda").sum().item())
+    """)
+    p = subprocess.run(
+        [sys.executable, "-c", prog],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **spin),
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:3] == ["sums True", "interrupted", "after 3.0"], p.stdout
