@@ -51,7 +51,7 @@ def main():
         n = int(g * GiB)
         src = torch.empty(n, dtype=torch.uint8, device="cuda").fill_(7)
         res = {"gib": g}
-        pinned, res["alloc_pinned_s"] = timed(lambda: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        pinned, res["alloc_pinned_s"] = timed(lambda n=n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
         res["d2h_into_fresh_pinned_GBps"] = d2h(pinned, src)
         res["d2h_into_pinned_again_GBps"] = d2h(pinned, src)
         del pinned
