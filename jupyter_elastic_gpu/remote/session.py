@@ -11,7 +11,7 @@ right to run on a GPU slice) is taken at the first GPU op and given back by ``re
 
 from __future__ import annotations
 
-import contextlib
+import _signal
 import os
 import secrets
 import select
@@ -123,6 +123,7 @@ class RemoteSession:
         self.address = None
         self.sock: socket.socket | None = None
         self._reader: FrameReader | None = None
+        self._kept = None  # a whole reply read when Ctrl-C came: still owed
         self._next_id = 0
         self._pending: list = []
         self._bufs: list = []
@@ -274,15 +275,21 @@ class RemoteSession:
         """The next reply, read on the waiting thread itself (no hand-off between threads).
 
         Ctrl-C may land while waiting for the reply's first byte, never inside a frame: the
-        stream stays in step, and the reply stays owed (read before the next request)."""
-        reader = self._reader
-        try:
-            if not reader.buffered():
-                _wait_readable(self.sock, self.reply_timeout)
-            with _sigint_deferred():
-                frame = reader.recv()
-        except (OSError, ConnectionError, m.ProtocolError) as e:  # EOF, reset, a bad frame
-            self._broken(e)
+        stream stays in step, and the reply stays owed (read before the next request). One
+        that came while a frame was read is raised once the frame is whole, and the frame is
+        kept as that owed reply."""
+        frame, self._kept = self._kept, None
+        if frame is None:
+            reader = self._reader
+            try:
+                if not reader.buffered():
+                    _wait_readable(self.sock, self.reply_timeout)
+                frame, ctrl_c = _read_whole(reader)
+            except (OSError, ConnectionError, m.ProtocolError) as e:  # EOF, reset, a bad frame
+                self._broken(e)
+            if ctrl_c is not None:
+                self._kept = frame
+                ctrl_c()  # the user's Ctrl-C, as its handler would have raised it
         self._owed_replies -= 1
         return frame
 
@@ -388,7 +395,7 @@ class RemoteSession:
 
     def _hang_up(self) -> None:
         """Drop the data connection (the session stays on the agent for its grace period)."""
-        sock, self.sock, self._reader = self.sock, None, None
+        sock, self.sock, self._reader, self._kept = self.sock, None, None, None
         if sock is None:
             return
         try:
@@ -484,25 +491,31 @@ def _wait_readable(sock, timeout: float | None) -> None:
             raise TimeoutError(f"no reply from the GPU agent in {timeout} s")
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Hold Ctrl-C back while a frame is read (a frame cut in half would leave the stream
-    out of step), then raise it. Only the main thread receives KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+_MAIN = threading.main_thread()
+_SIGINT = int(signal.SIGINT)
+
+
+def _read_whole(reader):
+    """Read one frame with Ctrl-C held back until it is whole (a frame cut in half would leave
+    the stream out of step): the frame, and the held-back Ctrl-C's handler call (or None).
+    Only the main thread receives KeyboardInterrupt. ``_signal`` rather than ``signal``: its
+    wrappers turn handlers into enums, which cost 6 us of every sync."""
+    previous = _signal.getsignal(_SIGINT) if threading.current_thread() is _MAIN else None
+    if previous is None:  # another thread, or a handler set outside Python we could not restore
+        return reader.recv(), None
     caught = []
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # a handler set outside Python: nothing we could put back
-        yield
-        return
-    signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    _signal.signal(_SIGINT, lambda *a: caught.append(a))
     try:
-        yield
+        frame = reader.recv()
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(*caught[0])
+        _signal.signal(_SIGINT, previous)
+    if not caught:
+        return frame, None
+    if callable(previous):
+        return frame, lambda: previous(*caught[0])
+    if previous == _signal.SIG_DFL:  # what it would have done: end the process
+        return frame, lambda: _signal.raise_signal(_SIGINT)
+    return frame, None  # ignored
 
 
 def _dense(x) -> bool:

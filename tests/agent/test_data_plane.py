@@ -183,3 +183,41 @@ def test_ends_that_poll_for_the_next_frame_keep_answers_in_order_and_ctrl_c_work
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\n")[:3] == ["sums True", "interrupted", "after 3.0"], p.stdout
+
+
+def test_ctrl_c_while_a_reply_arrives_is_raised_once_it_is_whole_and_the_reply_stays_owed():
+    """Ctrl-C in the middle of a large reply must not cut the frame (the stream would fall
+    out of step with every later reply): it is raised once the frame is whole, and that
+    frame is the reply the next read returns."""
+    import signal
+    import time
+
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
+
+    a, b = socket.socketpair()
+    sess = RemoteSession(DirectLease("127.0.0.1:1", 1.0))
+    sess.sock, sess._reader, sess._owed_replies = a, FrameReader(a, host_buffer), 2
+    first = b"".join(bytes(p) for p in encode_frame({"ok": True, "n": 1}, [bytes(4 << 20)]))
+    second = b"".join(bytes(p) for p in encode_frame({"ok": True, "n": 2}))
+
+    def agent():
+        b.sendall(first[:1000])  # the wait ends and the read of the frame begins
+        time.sleep(0.3)
+        signal.raise_signal(signal.SIGINT)  # handled on the main thread, inside the read
+        time.sleep(0.2)
+        b.sendall(first[1000:] + second)
+
+    t = threading.Thread(target=agent)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sess._recv()
+        t.join(10)
+        reply, bufs = sess._recv()
+        assert reply == {"ok": True, "n": 1} and len(bufs[0]) == 4 << 20
+        assert sess._recv()[0] == {"ok": True, "n": 2} and sess._owed_replies == 0
+    finally:
+        sess.sock = sess._reader = None
+        sess.close()
+        a.close()
+        b.close()
