@@ -59,15 +59,19 @@ def check_lengths(lengths) -> None:
             raise ProtocolError(f"buffer of {n} bytes exceeds the {MAX_BUFFER_BYTES} byte limit")
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def _recv_into(sock: socket.socket, view: memoryview, got: int = 0) -> None:
+    """Fill ``view`` from the socket, its first ``got`` bytes being there already."""
+    n = len(view)
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionError("connection closed by peer")
         got += k
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
     return buf
 
 
@@ -89,8 +93,9 @@ class FrameReader:
     behind it arrive together), where ``recv_frame`` makes four system calls per frame. A
     payload too big for the buffer is received straight into memory from ``alloc(nbytes)``,
     which returns the payload object and a writable buffer onto its memory (a tensor and its
-    numpy view: pinned host memory on a CUDA worker), never zero-filled or copied again. Only the reader's owner may read the socket from then on: it may hold bytes of
-    the next frame."""
+    numpy view: pinned host memory on a CUDA worker), never zero-filled or copied again. Only
+    the reader's owner may read the socket from then on: it may hold bytes of the next
+    frame."""
 
     CHUNK = 1 << 18
 
@@ -133,11 +138,7 @@ class FrameReader:
         have = min(n, self.end - self.start)
         view[:have] = memoryview(self.buf)[self.start:self.start + have]
         self.start += have
-        while have < n:
-            k = self.sock.recv_into(view[have:], n - have)
-            if k == 0:
-                raise ConnectionError("connection closed by peer")
-            have += k
+        _recv_into(self.sock, view, have)
         return dst
 
     def recv(self) -> tuple[dict, list]:
@@ -167,8 +168,7 @@ def send_frames(sock: socket.socket, frames: list) -> None:
     the peer, not two."""
     parts = [p for f in frames for p in f]
     if isinstance(sock, ssl.SSLSocket):  # no sendmsg under TLS; each write is its own record
-        small = [p for p in parts if len(p) < 1 << 20]
-        if len(small) == len(parts):
+        if all(len(p) < 1 << 20 for p in parts):
             sock.sendall(b"".join(parts))
             return
         for p in parts:

@@ -28,6 +28,28 @@ def run_client(address, code, fraction=0.25, timeout=120):
     )
 
 
+# A 0.25 slice of a real GPU: 0.6 of the cap fits, a second 0.6 is over it and must be a
+# CUDA OOM naming the slice, after which the session still computes.
+GPU_CAP_PROBE = """
+props = torch.cuda.get_device_properties(0)
+cap, total = props.total_memory, props.gpu_total_memory
+print("cap/total", round(cap / total, 3))
+x = torch.empty(int(cap * 0.6) // 4, device="cuda")  # fits in the slice
+try:
+    y = torch.empty(int(cap * 0.6) // 4, device="cuda")  # 1.2x the slice
+    torch.cuda.synchronize()
+except torch.cuda.OutOfMemoryError as e:
+    print("OOM:", e)
+print("alive", (x[:10] * 0 + 1).sum().item())
+"""
+
+
+def assert_cap_probe_passed(p):
+    assert p.returncode == 0, p.stderr
+    assert "cap/total 0.25" in p.stdout and "OOM:" in p.stdout and "slice" in p.stdout
+    assert "alive 10.0" in p.stdout
+
+
 @pytest.mark.skipif(AGENT_DEVICE != "cpu", reason="the CPU-mode cap; see the gpu test below")
 def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
     agent = make_agent("--cpu-memory-gib", "0.5", device="cpu")  # 0.25 slice = 128 MiB
@@ -52,24 +74,7 @@ def test_allocation_over_the_cap_is_a_cuda_oom_naming_the_slice(make_agent):
 @pytest.mark.gpu
 def test_gpu_slice_cap_is_enforced_by_the_cuda_allocator(make_agent):
     agent = make_agent(device="cuda")
-    p = run_client(
-        agent.address,
-        """
-        total = torch.cuda.get_device_properties(0).gpu_total_memory
-        cap = torch.cuda.get_device_properties(0).total_memory
-        print("cap/total", round(cap / total, 3))
-        x = torch.empty(int(cap * 0.6) // 4, device="cuda")  # fits in the slice
-        try:
-            y = torch.empty(int(cap * 0.6) // 4, device="cuda")  # 1.2x the slice
-            torch.cuda.synchronize()
-        except torch.cuda.OutOfMemoryError as e:
-            print("OOM:", e)
-        print("alive", (x[:10] * 0 + 1).sum().item())
-    """,
-    )
-    assert p.returncode == 0, p.stderr
-    assert "cap/total 0.25" in p.stdout and "OOM:" in p.stdout and "slice" in p.stdout
-    assert "alive 10.0" in p.stdout
+    assert_cap_probe_passed(run_client(agent.address, GPU_CAP_PROBE))
 
 
 @pytest.mark.gpu
@@ -314,30 +319,18 @@ def test_a_spare_holding_a_cuda_context_serves_its_slice_under_the_cap(make_agen
     assert query_inventory(agent.address)["agent"]["spare_workers"][0]["warm"] == "cuda:0"
     p = run_client(
         agent.address,
-        f"""
-        from jupyter_elastic_gpu.agent.server import spare_warm_up
-from jupyter_elastic_gpu.protocol.client import query_inventory
-        print("fresh", torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
-              torch.cuda.memory_reserved())
-        print("worker", [s["pid"] for s in query_inventory({agent.address!r})["sessions"]])
-        props = torch.cuda.get_device_properties(0)
-        cap, total = props.total_memory, props.gpu_total_memory
-        print("cap/total", round(cap / total, 3))
-        x = torch.empty(int(cap * 0.6) // 4, device="cuda")  # fits in the slice
-        try:
-            y = torch.empty(int(cap * 0.6) // 4, device="cuda")  # 1.2x the slice
-            torch.cuda.synchronize()
-        except torch.cuda.OutOfMemoryError as e:
-            print("OOM:", e)
-        print("alive", (x[:10] * 0 + 1).sum().item())
-    """,
+        textwrap.dedent(f"""
+            from jupyter_elastic_gpu.protocol.client import query_inventory
+            print("fresh", torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
+                  torch.cuda.memory_reserved())
+            print("worker", [s["pid"] for s in query_inventory({agent.address!r})["sessions"]])
+        """)
+        + GPU_CAP_PROBE,
     )
-    assert p.returncode == 0, p.stderr
+    assert_cap_probe_passed(p)
     # The warm-up's own allocations are not the session's: its statistics start at zero.
     assert "fresh 0 0 0" in p.stdout
     assert f"worker [{spare}]" in p.stdout  # the session ran in the readied spare
-    assert "cap/total 0.25" in p.stdout and "OOM:" in p.stdout and "slice" in p.stdout
-    assert "alive 10.0" in p.stdout
 
 
 def test_without_spares_each_session_starts_its_own_worker(make_agent):
