@@ -362,3 +362,56 @@ def test_an_announcement_without_bulk_streams_is_refused(agent):
     finally:
         s.close()
     assert still_serving(agent.address)
+
+
+def test_ctrl_c_while_a_bulk_reply_arrives_is_raised_once_it_is_whole_and_stays_owed():
+    """As for a reply on the session's connection (test_data_plane): Ctrl-C in the middle of
+    a reply's bulk bytes is held back until the last chunk is in; that reply, whole, is what
+    the next read returns, and the streams stay in step for the reply after it."""
+    import signal
+    import time
+
+    from jupyter_elastic_gpu.protocol.frames import FrameReader
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
+
+    a, b = socket.socketpair()
+    tx, rx = pairs(2)
+    sess = RemoteSession(DirectLease("127.0.0.1:1", 1.0))
+    sess.sock, sess._reader, sess._owed_replies = a, FrameReader(a, host_buffer), 2
+    sess._bulk = rx
+    payload = bytes(range(256)) * (8 << 12)  # 2 MiB in 2 parts
+    (o0, n0), (o1, n1) = bulk.split(len(payload), 2)
+    chunks = [
+        b"".join(
+            bytes(p) for p in encode_frame(m.Chunk(x=1, off=o, n=n).header(), [payload[o : o + n]])
+        )
+        for o, n in ((o0, n0), (o1, n1))
+    ]
+
+    def agent():
+        send_frame(b, {"ok": True, "n": 1, "bulk": [[0, 1, len(payload), 2]]}, [b""])
+        tx.socks[0].sendall(chunks[0][:5000])  # the bulk read has begun
+        time.sleep(0.3)
+        signal.raise_signal(signal.SIGINT)  # handled on the main thread, inside the read
+        time.sleep(0.2)
+        tx.socks[0].sendall(chunks[0][5000:])
+        tx.socks[1].sendall(chunks[1])
+        send_frame(b, {"ok": True, "n": 2})
+
+    t = threading.Thread(target=agent)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sess._recv()
+        t.join(10)
+        reply, bufs = sess._recv()
+        assert reply["n"] == 1 and bytes(bufs[0].numpy()) == payload
+        assert sess._recv()[0] == {"ok": True, "n": 2} and sess._owed_replies == 0
+        assert rx.broken is None and rx.recv_x == 1
+    finally:
+        sess.sock = sess._reader = sess._bulk = None
+        sess.close()
+        for s in (a, b):
+            s.close()
+        tx.close()
+        rx.close()
