@@ -9,9 +9,16 @@ constants and references, never code). AOTAutograd's own runtime then drives the
 graphs with the real remote tensors: every forward or backward is one record in the batch
 stream, answered by new tensor ids like any op.
 
+Autocast is traced as on a real GPU: the capture runs under the caller's autocast state for
+the backend (``torch.autocast("cuda")`` there), so remote/autocast.py's kernels, CUDA's cast
+policy, insert the casts while AOTAutograd traces, and they land in the graph as ordinary
+``aten._to_copy`` nodes; ``torch.autocast("cuda")`` *inside* the compiled code is an
+``_enter_autocast`` node of Dynamo's graph, pointed at the backend before AOTAutograd runs it.
+
 Captures are keyed like Dynamo's guards on what a graph depends on (input and parameter
-metadata, grad mode, training flag, constants): a new shape recompiles. Anything that cannot
-be compiled this way runs eagerly, as before, after one warning naming the reason.
+metadata, grad mode, autocast state, training flag, constants): a new shape recompiles.
+Anything that cannot be compiled this way runs eagerly, as before, after one warning naming
+the reason.
 """
 
 from __future__ import annotations
@@ -194,8 +201,6 @@ def _tensor_key(t):
 
 
 def _guard_key(params, leaves, spec, module):
-    if torch.is_autocast_enabled(BACKEND) if _autocast_takes_device() else False:
-        raise CompileFallback("autocast around a compiled model is not captured yet")
     consts = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
@@ -209,17 +214,20 @@ def _guard_key(params, leaves, spec, module):
         tuple(consts),
         tuple((n, _tensor_key(t)) for n, t in params),
         torch.is_grad_enabled(),
+        _autocast_key(),
         tuple(m.training for m in module.modules()) if module is not None else (),
     )
 
 
-@functools.cache
-def _autocast_takes_device() -> bool:
-    try:
-        torch.is_autocast_enabled("cpu")
-        return True
-    except TypeError:
-        return False
+def _autocast_key():
+    """The caller's autocast state for the backend (what ``torch.autocast("cuda")`` sets), as
+    far as it changes the graph: its casts are traced into the graph, so float32 and bf16
+    calls are different captures (and different graphs, hence different agent artefacts).
+    Dynamo's own guards would check this too; the capture here is a one-shot export, so the
+    key is where it is checked."""
+    if not torch.is_autocast_enabled(BACKEND):
+        return None
+    return torch.get_autocast_dtype(BACKEND)
 
 
 def _fake(t, mode):
@@ -282,7 +290,7 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
         except Exception as e:
             raise CompileFallback(f"Dynamo could not capture one graph: {_first_line(e)}") from e
         gm = exported.graph_module
-        _refuse_autocast(gm)
+        _autocast_on_backend(gm)
         out_spec = gm.graph._codegen.pytree_info.out_spec
         gm.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs
         gm.recompile()
@@ -348,13 +356,29 @@ def _forget_dynamo_lookups() -> None:
             fn.cache_clear()
 
 
-def _refuse_autocast(gm) -> None:
-    # The capture runs without the facade, so autocast("cuda") inside forward would not
-    # cast the stand-ins: the compiled graph would compute in other dtypes than eager does.
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
+_EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
+
+
+def _autocast_on_backend(gm) -> None:
+    """``torch.autocast("cuda")`` inside the compiled code: Dynamo records it as
+    ``_enter_autocast("cuda", dtype, enabled, cache)`` (the capture runs with torch's own
+    names, so "cuda" is not mapped there). Point it at the backend, as the facade does for
+    eager code, so that AOTAutograd's trace casts the stand-ins and the casts become nodes of
+    the graph; anything else about autocast in the graph is not understood here."""
     for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target))
-        if "autocast" in name:
-            raise CompileFallback("autocast inside the compiled region is not captured yet")
+        if node.op != "call_function":
+            continue
+        if node.target is _ENTER_AUTOCAST:
+            if node.args and node.args[0] == "cuda":
+                node.args = (BACKEND, *node.args[1:])
+            elif node.kwargs.get("device_type") == "cuda":
+                node.kwargs = {**node.kwargs, "device_type": BACKEND}
+        elif node.target is not _EXIT_AUTOCAST:
+            name = getattr(node.target, "__name__", str(node.target))
+            if "autocast" in name:
+                raise CompileFallback(f"{name} in the compiled region is not captured yet")
+    gm.recompile()
 
 
 def _reparametrized(module, state):
