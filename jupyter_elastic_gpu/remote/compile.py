@@ -225,9 +225,9 @@ def _autocast_key():
     calls are different captures (and different graphs, hence different agent artefacts).
     Dynamo's own guards would check this too; the capture here is a one-shot export, so the
     key is where it is checked."""
-    if not torch.is_autocast_enabled(BACKEND):
+    if not torch._C.is_autocast_enabled(BACKEND):
         return None
-    return torch.get_autocast_dtype(BACKEND)
+    return torch._C.get_autocast_dtype(BACKEND)
 
 
 def _fake(t, mode):
@@ -278,6 +278,7 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
     # facade replaces: capture with torch's own names in place (metas need none of them).
     cuda_facade.uninstall()
     attention = _math_attention()
+    cuda_autocast = _cuda_autocast_reads_backend()
     try:
         _forget_dynamo_lookups()
         try:
@@ -307,6 +308,7 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
         except Exception as e:
             raise CompileFallback(f"AOTAutograd could not lower the graph: {_first_line(e)}") from e
     finally:
+        cuda_autocast.close()
         attention.close()
         cuda_facade.install(sess)  # registers remote/sdpa.py's kernels again
     return _Entry(compiled, out_spec)
@@ -331,6 +333,24 @@ class _math_attention:
         self.lib._destroy()
 
 
+class _cuda_autocast_reads_backend:
+    """While capturing, torch's own autocast state functions stand in torch (the facade is
+    lifted): code that asks for CUDA's state (``torch.is_autocast_enabled("cuda")``, which the
+    facade answers with the backend's in eager code) reads the backend's state here too, so
+    the capture takes the branch eager code takes. Only CUDA tensors would see CUDA's autocast
+    itself, and the capture has none."""
+
+    def __init__(self):
+        c = torch._C
+        self.prev = c.is_autocast_enabled("cuda"), c.get_autocast_dtype("cuda")
+        c.set_autocast_enabled("cuda", c.is_autocast_enabled(BACKEND))
+        c.set_autocast_dtype("cuda", c.get_autocast_dtype(BACKEND))
+
+    def close(self):
+        torch._C.set_autocast_enabled("cuda", self.prev[0])
+        torch._C.set_autocast_dtype("cuda", self.prev[1])
+
+
 def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     out, _ = torch.ops.aten._scaled_dot_product_attention_math(
         q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale, **kw
@@ -345,6 +365,14 @@ def _forget_dynamo_lookups() -> None:
     from torch._dynamo import trace_rules
     from torch._dynamo.variables import torch as torch_variables
 
+    # Tables built at import, not cached: a facade wrapper there (functools.wraps keeps the
+    # original as __wrapped__) hides torch's own function, which Dynamo would then not fold
+    # (torch.is_autocast_enabled(x.device.type) became a graph break).
+    for name in ("constant_fold_functions", "constant_fold_functions_need_guards"):
+        table = getattr(torch_variables, name, None)
+        if isinstance(table, dict):
+            for fn in [f for f in table if callable(getattr(f, "__wrapped__", None))]:
+                table.setdefault(fn.__wrapped__, table[fn])
     for fn in (
         getattr(trace_rules, "get_torch_obj_rule_map", None),
         getattr(trace_rules, "get_tensor_method", None),

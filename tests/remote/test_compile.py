@@ -396,3 +396,41 @@ def test_autocast_inside_the_compiled_forward_is_captured(gpu, shipped):
     assert compiled._compiled.stats["compiled_calls"] == 1
     forward = shipped[0]
     assert _casts(forward, "bfloat16") and _casts(forward, "float32")
+
+
+class ReadsAutocastState(nn.Module):
+    """Code that asks whether autocast is on before leaving it, as HF's ``maybe_autocast``
+    does around Llama's rotary embedding: the answer must be the same while capturing as in
+    eager code, or the compiled graph would take the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        dev = x.device.type
+        on = torch.is_autocast_enabled(dev)
+        with torch.autocast(dev, enabled=False) if on else contextlib.nullcontext():
+            f = h.float() @ h.float().T  # a float32 island under autocast
+        if torch.is_autocast_enabled("cuda"):  # spelled as CUDA: the facade answers eagerly
+            f = f * 2
+        return f
+
+
+def test_code_reading_the_autocast_state_takes_the_same_branch_compiled(gpu, shipped):
+    torch.manual_seed(0)
+    model = ReadsAutocastState().to("cuda").eval()
+    compiled = torch.compile(model)
+    x = torch.randn(3, 4, device="cuda")
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, want = compiled(x), model(x)
+    _no_eager_warning(record)
+    assert y.dtype == want.dtype == torch.float32  # the island stayed float32 in both
+    torch.testing.assert_close(y.cpu(), want.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    # The island's matmul ran on float32 copies of the bf16 linear output, doubled.
+    h = model.a(x).to(torch.bfloat16).float()
+    torch.testing.assert_close(want.cpu(), (h @ h.T * 2).cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    assert not _casts(shipped[0], "float16")
