@@ -447,9 +447,30 @@ class _Graphs:
         info = reply["graph"]
         self.log.append(info)
         report(info)
+        _check_outputs(outs, info.get("outputs"))
         run = _RemoteGraph(info["handle"], gm, outs)
         run._boxed_call = True
         return run
+
+
+def _check_outputs(outs, real) -> None:
+    """The capture's output metadata (fake tensors, device-independent meta kernels) against
+    what the agent's device computed in its first run. They can differ where a decomposition
+    depends on the device (on a CPU agent, batch norm under bf16 autocast saves its statistics
+    in bf16, not float32): the next graph would then get inputs it was not compiled for."""
+    if real is None:  # an agent that does not say
+        return
+    for k, ((kind, v), r) in enumerate(zip(outs, real, strict=False)):
+        if kind != "new" or r is None:
+            continue
+        shape, stride, _, dtype, _ = v
+        claimed = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "stride": list(stride)}
+        if r != claimed:
+            raise CompileFallback(
+                f"the GPU agent's device computes graph output {k} as {r['dtype']} "
+                f"{r['shape']} (strides {r['stride']}), the capture expected "
+                f"{claimed['dtype']} {claimed['shape']} (strides {claimed['stride']})"
+            )
 
 
 def report(info) -> None:

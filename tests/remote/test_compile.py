@@ -434,3 +434,33 @@ def test_code_reading_the_autocast_state_takes_the_same_branch_compiled(gpu, shi
     h = model.a(x).to(torch.bfloat16).float()
     torch.testing.assert_close(want.cpu(), (h @ h.T * 2).cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
     assert not _casts(shipped[0], "float16")
+
+
+def test_outputs_the_agents_device_computes_otherwise_fall_back_not_garbage(gpu):
+    """Batch norm under bf16 autocast saves its statistics in float32 on a GPU (and in the
+    capture), but in bf16 on a CPU agent (its decomposition casts them to the input's dtype):
+    the backward graph, compiled for float32 statistics, would read them out of bounds. The
+    client compares the agent's outputs with its capture and falls back instead."""
+    torch.manual_seed(0)
+    model = CNN().to("cuda")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, want = compiled(x), eager(x)
+        y.float().sum().backward()
+        want.float().sum().backward()
+    fallback = [w for w in record if "runs eagerly" in str(w.message)]
+    if AGENT_DEVICE == "cpu":
+        assert len(fallback) == 1
+        assert "computes graph output" in str(fallback[0].message)
+        assert "as bfloat16 [8]" in str(fallback[0].message)
+        assert compiled._compiled.stats["eager_calls"] == 1
+    else:
+        assert not fallback
+    torch.testing.assert_close(y.cpu(), want.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    torch.testing.assert_close(
+        model.conv.weight.grad.cpu(), eager.conv.weight.grad.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL
+    )
