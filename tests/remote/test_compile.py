@@ -3,10 +3,11 @@
 A model compiled here is captured over meta stand-ins, lowered by AOTAutograd, compiled by the
 agent's inductor (the CPU backend on a CPU agent, so CI runs the whole path) and run as one
 batch record per forward or backward. Training a compiled copy must give the eager remote
-copy's losses step for step; what cannot compile falls back to eager with one warning.
+copy's losses step for step, in float32 and under bf16 autocast; what cannot compile falls
+back to eager with one warning.
 
 CPU inductor compiles take seconds each on a small machine: the models are tiny, and every
-compile the tests need is counted in the module's budget (about six graphs).
+compile the tests need is counted in the module's budget (about fifteen graphs).
 """
 
 from __future__ import annotations
