@@ -1,6 +1,7 @@
 """``torch.compile`` on the remote GPU vs native eager and native compiled, in one run.
 
     python benchmarks/compile_vs_native.py --device cuda --out compile_vs_native.json
+    python benchmarks/compile_vs_native.py --device cuda --autocast bf16 --out compile_bf16.json
     python benchmarks/compile_vs_native.py --device cpu --quick     # CPU smoke run
 
 Each workload (HF GPT-2 small training, torchvision ResNet-50 training; ``--quick``: tiny
@@ -11,8 +12,14 @@ the second (a new process, so a new session and worker) finds the graphs in the 
 compile cache. Reported: steps/s of the timed steps, the first step's time (which holds the
 compile), the agent's per-graph compile times and cache answers, and the ratios the issue
 targets (remote compiled / native eager >= 1.3, remote compiled / native compiled >= 0.9).
-All modes train in float32 (autocast around a compiled model runs eagerly remotely, so it
-would not measure the compiled path); native and agent use separate, fresh inductor caches.
+Precision (``--autocast``): ``float32`` (the default) trains in float32; ``bf16`` runs each
+step's forward and loss under ``torch.autocast(device, dtype=torch.bfloat16)`` and the
+backward and optimizer step outside it, as the AMP recipe (and HF's Trainer) writes it, in
+every mode alike: remotely the casts are traced into the compiled graphs (remote/compile.py),
+natively Dynamo traces them the same way (``--device cpu`` uses CPU autocast natively, whose
+cast policy differs from CUDA's: the smoke run's native losses are no reference there).
+Parameters and optimizer state stay float32. Native and agent use separate, fresh inductor
+caches.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from remote_vs_native import run  # noqa: E402
 from jupyter_elastic_gpu.agent.local import LocalAgent  # noqa: E402
 
 SCRIPT = r"""
-import json, sys, time, warnings
+import contextlib, json, os, sys, time, warnings
 import torch
 import torch.nn.functional as F
 mode, name, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -44,6 +51,11 @@ if mode.startswith("remote"):
     sess = remote.attach(sys.argv[4], fraction=1.0)
 dev = "cuda" if (mode.startswith("remote") or torch.cuda.is_available()) else "cpu"
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+precision = os.environ.get("COMPILE_BENCH_AUTOCAST", "float32")
+amp = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == "bf16" else (
+    contextlib.nullcontext)
+
+seen = set()  # the model outputs' dtypes: bfloat16 shows the autocast took effect
 
 def skip(why):
     print("RESULT " + json.dumps({"skipped": why})); sys.exit(0)
@@ -60,7 +72,10 @@ def build():
         B, T = (2, 32) if quick else (8, 512)
         model = transformers.GPT2LMHeadModel(cfg)
         batch = lambda g: [torch.randint(0, cfg.vocab_size, (B, T), generator=g)]
-        loss = lambda m, ids: m(input_ids=ids, labels=ids).loss
+        def loss(m, ids):
+            out = m(input_ids=ids, labels=ids)
+            seen.add(str(out.logits.dtype))
+            return out.loss
         return model, batch, loss, "adamw", 1e-4
     try:
         import torchvision as tv
@@ -78,7 +93,10 @@ def build():
     classes = 10 if quick else 1000
     batch = lambda g: [torch.randn(B, 3, S, S, generator=g),
                        torch.randint(0, classes, (B,), generator=g)]
-    loss = lambda m, x, y: F.cross_entropy(m(x), y)
+    def loss(m, x, y):
+        out = m(x)
+        seen.add(str(out.dtype))
+        return F.cross_entropy(out, y)
     return model, batch, loss, "sgd", 0.01
 
 torch.manual_seed(0)
@@ -92,7 +110,8 @@ run_model = model if mode == "native_eager" else torch.compile(model)
 
 def step(i):
     xs = [t.to(dev) for t in data[i % 2]]
-    loss = loss_fn(run_model, *xs)
+    with amp():  # forward and loss only; backward and step outside, as the AMP recipe
+        loss = loss_fn(run_model, *xs)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -109,7 +128,8 @@ with warnings.catch_warnings(record=True) as caught:
     out = [step(i) for i in range(steps)]
     sync()
     dt = time.perf_counter() - t
-res = {"steps": steps, "seconds": dt, "unit": "steps/s", "throughput": steps / dt,
+res = {"precision": precision, "output_dtypes": sorted(seen), "steps": steps, "seconds": dt,
+       "unit": "steps/s", "throughput": steps / dt,
        "first_step_s": first, "losses": [float(l) for l in out],
        "warnings": sorted({str(w.message)[:300] for w in caught if "eager" in str(w.message)})}
 c = getattr(run_model, "_compiled", None)
@@ -130,7 +150,14 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny models (smoke test on a CPU agent)")
     ap.add_argument("--workloads", default="gpt2_train,resnet50")
+    ap.add_argument(
+        "--autocast",
+        default="float32",
+        choices=["float32", "bf16"],
+        help="bf16: forward and loss under torch.autocast(bfloat16) in every mode",
+    )
     opts = ap.parse_args(argv)
+    os.environ["COMPILE_BENCH_AUTOCAST"] = opts.autocast  # read by each workload process
     caches = tempfile.mkdtemp(prefix="compile-bench-")
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the agent picks its own, under caches
     agent = LocalAgent(
@@ -154,8 +181,9 @@ def main(argv=None):
                     for g in m.get("graphs", [])
                 )
                 print(
-                    f"{name:11s} {mode:23s} {m['throughput']:8.3f} steps/s  first step "
-                    f"{m['first_step_s']:7.2f} s  {graphs}  {' '.join(m['warnings'])}",
+                    f"{name:11s} {opts.autocast} {mode:23s} {m['throughput']:8.3f} steps/s  first step "
+                    f"{m['first_step_s']:7.2f} s  {graphs}  out {','.join(m['output_dtypes'])}  "
+                    f"{' '.join(m['warnings'])}",
                     flush=True,
                 )
             else:
@@ -164,6 +192,8 @@ def main(argv=None):
                 r["remote_compiled_over_native_compiled"] = (
                     remote / r["native_compiled"]["throughput"]
                 )
+                if r["remote_compiled_cached"]["warnings"]:
+                    print(f"{name:11s} NOTE: the remote runs fell back to eager (see above)")
                 print(
                     f"{name:11s} remote compiled / native eager "
                     f"{r['remote_compiled_over_native_eager']:.3f} (target >= 1.3), "

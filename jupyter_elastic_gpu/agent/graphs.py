@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..protocol.messages import ProtocolError
-from ..protocol.values import DTYPES, LAYOUTS, MEMORY_FORMATS
+from ..protocol.values import DTYPE_NAMES, DTYPES, LAYOUTS, MEMORY_FORMATS
 
 MAX_NODES = 20_000
 MAX_INPUTS = 4_096
@@ -254,7 +254,14 @@ class SessionGraphs:
             if len(_compiled) > LRU_SIZE:
                 _compiled.popitem(last=False)
         self.graphs[key] = fn
-        return {"handle": key, "seconds": time.perf_counter() - t0, "cache": cache}
+        return {
+            "handle": key,
+            "seconds": time.perf_counter() - t0,
+            "cache": cache,
+            # What this device computes, so the client can check its capture's claims (a
+            # decomposition may differ by device: CPU batch norm saves bf16 statistics).
+            "outputs": fn.outputs,
+        }
 
     def run(self, handle, in_ids, out_ids):
         fn = self.graphs.get(handle) if isinstance(handle, str) else None
@@ -263,9 +270,36 @@ class SessionGraphs:
         if not isinstance(in_ids, list) or not isinstance(out_ids, list):
             raise ProtocolError("a graph record is ['g', handle, input ids, output ids]")
         args = [self.ex.tensor(i) for i in in_ids]
+        fn.check(args)
         with torch.no_grad():
             out = fn(args)
         self.ex._store([o for o in out if o is not None], out_ids, "graph")
+
+
+class _Compiled:
+    """A compiled graph, the inputs it was compiled for and the outputs it gives.
+
+    Inductor's code trusts its inputs' dtypes, shapes and strides: a tensor of another
+    layout would be read out of its bounds, so every run checks them first."""
+
+    def __init__(self, compiled, specs, outputs):
+        self.compiled, self.specs, self.outputs = compiled, specs, outputs
+
+    def check(self, args) -> None:
+        if len(args) != len(self.specs):
+            raise ProtocolError(
+                f"the graph takes {len(self.specs)} inputs, the record names {len(args)}"
+            )
+        for k, (t, (dtype, shape, stride)) in enumerate(zip(args, self.specs, strict=True)):
+            if t.dtype != dtype or list(t.shape) != shape or list(t.stride()) != stride:
+                raise ProtocolError(
+                    f"graph input {k} is a {str(t.dtype).removeprefix('torch.')} tensor of "
+                    f"shape {list(t.shape)}, strides {list(t.stride())}; the graph was compiled "
+                    f"for {str(dtype).removeprefix('torch.')} {shape}, strides {stride}"
+                )
+
+    def __call__(self, args):
+        return self.compiled(*args)
 
 
 def _inductor(gm, mode, dev, device_kind):
@@ -273,10 +307,11 @@ def _inductor(gm, mode, dev, device_kind):
     the graph's own input metadata) is where inductor compiles, and checks the graph runs."""
     before = _disk_hits()
     _prune_cache_dir()
-    examples = []
+    examples, specs = [], []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             dtype, shape, stride = node.meta["spec"]
+            specs.append((dtype, shape, stride))
             examples.append(
                 torch.zeros(shape, dtype=dtype, device=dev).as_strided(shape, stride)
                 if _nbytes(shape, stride, dtype)
@@ -299,7 +334,7 @@ def _inductor(gm, mode, dev, device_kind):
         with torch.no_grad():
             with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
                 compiled = compile_fx(gm, fakes, config_patches=patches)
-            compiled(*examples)
+            outs = compiled(*examples)
     except GraphRefused:
         raise
     except Exception as e:
@@ -309,11 +344,17 @@ def _inductor(gm, mode, dev, device_kind):
         ) from None
     hit = _disk_hits() > before
     counters["disk_hits" if hit else "compiles"] += 1
-
-    def run(args):
-        return compiled(*args)
-
-    return run, "disk" if hit else "miss"
+    outputs = [
+        None
+        if not isinstance(o, torch.Tensor)
+        else {
+            "dtype": DTYPE_NAMES.get(o.dtype, str(o.dtype)),
+            "shape": list(o.shape),
+            "stride": list(o.stride()),
+        }
+        for o in outs
+    ]
+    return _Compiled(compiled, specs, outputs), "disk" if hit else "miss"
 
 
 def _disk_hits() -> int:

@@ -147,7 +147,7 @@ def _kernel(op, policy):
 
     def autocast_kernel(*args, **kwargs):
         if policy == "lower":
-            dtype = torch.get_autocast_dtype(BACKEND)
+            dtype = torch._C.get_autocast_dtype(BACKEND)  # torch's own, not the facade's
         elif policy == "fp32":
             dtype = torch.float32
         else:

@@ -9,9 +9,16 @@ constants and references, never code). AOTAutograd's own runtime then drives the
 graphs with the real remote tensors: every forward or backward is one record in the batch
 stream, answered by new tensor ids like any op.
 
+Autocast is traced as on a real GPU: the capture runs under the caller's autocast state for
+the backend (``torch.autocast("cuda")`` there), so remote/autocast.py's kernels, CUDA's cast
+policy, insert the casts while AOTAutograd traces, and they land in the graph as ordinary
+``aten._to_copy`` nodes; ``torch.autocast("cuda")`` *inside* the compiled code is an
+``_enter_autocast`` node of Dynamo's graph, pointed at the backend before AOTAutograd runs it.
+
 Captures are keyed like Dynamo's guards on what a graph depends on (input and parameter
-metadata, grad mode, training flag, constants): a new shape recompiles. Anything that cannot
-be compiled this way runs eagerly, as before, after one warning naming the reason.
+metadata, grad mode, autocast state, training flag, constants): a new shape recompiles.
+Anything that cannot be compiled this way runs eagerly, as before, after one warning naming
+the reason.
 """
 
 from __future__ import annotations
@@ -194,8 +201,6 @@ def _tensor_key(t):
 
 
 def _guard_key(params, leaves, spec, module):
-    if torch.is_autocast_enabled(BACKEND) if _autocast_takes_device() else False:
-        raise CompileFallback("autocast around a compiled model is not captured yet")
     consts = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
@@ -209,17 +214,20 @@ def _guard_key(params, leaves, spec, module):
         tuple(consts),
         tuple((n, _tensor_key(t)) for n, t in params),
         torch.is_grad_enabled(),
+        _autocast_key(),
         tuple(m.training for m in module.modules()) if module is not None else (),
     )
 
 
-@functools.cache
-def _autocast_takes_device() -> bool:
-    try:
-        torch.is_autocast_enabled("cpu")
-        return True
-    except TypeError:
-        return False
+def _autocast_key():
+    """The caller's autocast state for the backend (what ``torch.autocast("cuda")`` sets), as
+    far as it changes the graph: its casts are traced into the graph, so float32 and bf16
+    calls are different captures (and different graphs, hence different agent artefacts).
+    Dynamo's own guards would check this too; the capture here is a one-shot export, so the
+    key is where it is checked."""
+    if not torch._C.is_autocast_enabled(BACKEND):
+        return None
+    return torch._C.get_autocast_dtype(BACKEND)
 
 
 def _fake(t, mode):
@@ -270,6 +278,7 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
     # facade replaces: capture with torch's own names in place (metas need none of them).
     cuda_facade.uninstall()
     attention = _math_attention()
+    cuda_autocast = _cuda_autocast_reads_backend()
     try:
         _forget_dynamo_lookups()
         try:
@@ -282,7 +291,7 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
         except Exception as e:
             raise CompileFallback(f"Dynamo could not capture one graph: {_first_line(e)}") from e
         gm = exported.graph_module
-        _refuse_autocast(gm)
+        _autocast_on_backend(gm)
         out_spec = gm.graph._codegen.pytree_info.out_spec
         gm.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs
         gm.recompile()
@@ -299,6 +308,7 @@ def _capture(owner: RemoteCompiled, params, leaves, spec):
         except Exception as e:
             raise CompileFallback(f"AOTAutograd could not lower the graph: {_first_line(e)}") from e
     finally:
+        cuda_autocast.close()
         attention.close()
         cuda_facade.install(sess)  # registers remote/sdpa.py's kernels again
     return _Entry(compiled, out_spec)
@@ -323,6 +333,24 @@ class _math_attention:
         self.lib._destroy()
 
 
+class _cuda_autocast_reads_backend:
+    """While capturing, torch's own autocast state functions stand in torch (the facade is
+    lifted): code that asks for CUDA's state (``torch.is_autocast_enabled("cuda")``, which the
+    facade answers with the backend's in eager code) reads the backend's state here too, so
+    the capture takes the branch eager code takes. Only CUDA tensors would see CUDA's autocast
+    itself, and the capture has none."""
+
+    def __init__(self):
+        c = torch._C
+        self.prev = c.is_autocast_enabled("cuda"), c.get_autocast_dtype("cuda")
+        c.set_autocast_enabled("cuda", c.is_autocast_enabled(BACKEND))
+        c.set_autocast_dtype("cuda", c.get_autocast_dtype(BACKEND))
+
+    def close(self):
+        torch._C.set_autocast_enabled("cuda", self.prev[0])
+        torch._C.set_autocast_dtype("cuda", self.prev[1])
+
+
 def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     out, _ = torch.ops.aten._scaled_dot_product_attention_math(
         q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale, **kw
@@ -337,6 +365,14 @@ def _forget_dynamo_lookups() -> None:
     from torch._dynamo import trace_rules
     from torch._dynamo.variables import torch as torch_variables
 
+    # Tables built at import, not cached: a facade wrapper there (functools.wraps keeps the
+    # original as __wrapped__) hides torch's own function, which Dynamo would then not fold
+    # (torch.is_autocast_enabled(x.device.type) became a graph break).
+    for name in ("constant_fold_functions", "constant_fold_functions_need_guards"):
+        table = getattr(torch_variables, name, None)
+        if isinstance(table, dict):
+            for fn in [f for f in table if callable(getattr(f, "__wrapped__", None))]:
+                table.setdefault(fn.__wrapped__, table[fn])
     for fn in (
         getattr(trace_rules, "get_torch_obj_rule_map", None),
         getattr(trace_rules, "get_tensor_method", None),
@@ -348,13 +384,29 @@ def _forget_dynamo_lookups() -> None:
             fn.cache_clear()
 
 
-def _refuse_autocast(gm) -> None:
-    # The capture runs without the facade, so autocast("cuda") inside forward would not
-    # cast the stand-ins: the compiled graph would compute in other dtypes than eager does.
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
+_EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
+
+
+def _autocast_on_backend(gm) -> None:
+    """``torch.autocast("cuda")`` inside the compiled code: Dynamo records it as
+    ``_enter_autocast("cuda", dtype, enabled, cache)`` (the capture runs with torch's own
+    names, so "cuda" is not mapped there). Point it at the backend, as the facade does for
+    eager code, so that AOTAutograd's trace casts the stand-ins and the casts become nodes of
+    the graph; anything else about autocast in the graph is not understood here."""
     for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target))
-        if "autocast" in name:
-            raise CompileFallback("autocast inside the compiled region is not captured yet")
+        if node.op != "call_function":
+            continue
+        if node.target is _ENTER_AUTOCAST:
+            if node.args and node.args[0] == "cuda":
+                node.args = (BACKEND, *node.args[1:])
+            elif node.kwargs.get("device_type") == "cuda":
+                node.kwargs = {**node.kwargs, "device_type": BACKEND}
+        elif node.target is not _EXIT_AUTOCAST:
+            name = getattr(node.target, "__name__", str(node.target))
+            if "autocast" in name:
+                raise CompileFallback(f"{name} in the compiled region is not captured yet")
+    gm.recompile()
 
 
 def _reparametrized(module, state):
@@ -395,9 +447,30 @@ class _Graphs:
         info = reply["graph"]
         self.log.append(info)
         report(info)
+        _check_outputs(outs, info.get("outputs"))
         run = _RemoteGraph(info["handle"], gm, outs)
         run._boxed_call = True
         return run
+
+
+def _check_outputs(outs, real) -> None:
+    """The capture's output metadata (fake tensors, device-independent meta kernels) against
+    what the agent's device computed in its first run. They can differ where a decomposition
+    depends on the device (on a CPU agent, batch norm under bf16 autocast saves its statistics
+    in bf16, not float32): the next graph would then get inputs it was not compiled for."""
+    if real is None:  # an agent that does not say
+        return
+    for k, ((kind, v), r) in enumerate(zip(outs, real, strict=False)):
+        if kind != "new" or r is None:
+            continue
+        shape, stride, _, dtype, _ = v
+        claimed = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "stride": list(stride)}
+        if r != claimed:
+            raise CompileFallback(
+                f"the GPU agent's device computes graph output {k} as {r['dtype']} "
+                f"{r['shape']} (strides {r['stride']}), the capture expected "
+                f"{claimed['dtype']} {claimed['shape']} (strides {claimed['stride']})"
+            )
 
 
 def report(info) -> None:

@@ -177,6 +177,49 @@ def _autocast_init(fn):
     return __init__
 
 
+# torch's autocast state functions: autocast("cuda") sets the backend's state (above), so
+# code that reads or sets CUDA's (HF's maybe_autocast(x.device.type, enabled=False),
+# torch.utils.checkpoint's recomputation, torch.amp.custom_fwd) must reach the backend's too,
+# or it would see autocast off while ops are being cast.
+_AUTOCAST_STATE = (
+    "is_autocast_enabled",
+    "get_autocast_dtype",
+    "set_autocast_enabled",
+    "set_autocast_dtype",
+)
+
+
+def _autocast_state(fn):
+    cuda_by_default = fn.__name__ in ("is_autocast_enabled", "set_autocast_enabled")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device_type" in kwargs:
+            if kwargs["device_type"] == "cuda":
+                kwargs["device_type"] = BACKEND
+        elif args and isinstance(args[0], str):
+            if args[0] == "cuda":
+                args = (BACKEND, *args[1:])
+        elif cuda_by_default:  # the old forms without a device type mean CUDA
+            args = (BACKEND, *args)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _autocast_gpu_dtype(fn):
+    # torch.get_autocast_gpu_dtype / set_autocast_gpu_dtype (deprecated): CUDA's, hence ours.
+    getter = fn.__name__.startswith("get")
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if getter:
+            return torch._C.get_autocast_dtype(BACKEND, *args)
+        return torch._C.set_autocast_dtype(BACKEND, *args)
+
+    return wrapper
+
+
 def _compile(fn):
     # torch.compile captures here and compiles on the agent (see remote/compile.py).
     from .compile import make_compile
@@ -1041,6 +1084,11 @@ def install(session) -> None:
     _patch(torch.Tensor, "is_pinned", _is_pinned)
     _patch(torch.Tensor, "cuda", _tensor_cuda)
     _patch(torch.amp.autocast_mode.autocast, "__init__", _autocast_init)
+    for n in _AUTOCAST_STATE:
+        _patch(torch, n, _autocast_state)
+    for n in ("get_autocast_gpu_dtype", "set_autocast_gpu_dtype"):
+        if hasattr(torch, n):
+            _patch(torch, n, _autocast_gpu_dtype)
     from . import serialization
 
     serialization.install()  # torch.load/save of "cuda" tensors: see there

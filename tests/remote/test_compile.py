@@ -3,14 +3,16 @@
 A model compiled here is captured over meta stand-ins, lowered by AOTAutograd, compiled by the
 agent's inductor (the CPU backend on a CPU agent, so CI runs the whole path) and run as one
 batch record per forward or backward. Training a compiled copy must give the eager remote
-copy's losses step for step; what cannot compile falls back to eager with one warning.
+copy's losses step for step, in float32 and under bf16 autocast; what cannot compile falls
+back to eager with one warning.
 
 CPU inductor compiles take seconds each on a small machine: the models are tiny, and every
-compile the tests need is counted in the module's budget (about six graphs).
+compile the tests need is counted in the module's budget (about fifteen graphs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -82,8 +84,10 @@ class Block(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def _train_both(model, make_batch, loss_fn, steps=3):
-    """Train an eager and a compiled remote copy of ``model``; return both loss curves."""
+def _train_both(model, make_batch, loss_fn, steps=3, autocast=None):
+    """Train an eager and a compiled remote copy of ``model``; return both loss curves. With
+    ``autocast`` (a dtype) each forward runs under ``torch.autocast("cuda", autocast)``, the
+    backward and the optimizer step outside it, as the AMP recipe writes it."""
     eager = copy.deepcopy(model).to("cuda")
     base = copy.deepcopy(model).to("cuda")
     compiled = torch.compile(base)
@@ -96,7 +100,12 @@ def _train_both(model, make_batch, loss_fn, steps=3):
         losses = []
         for _ in range(steps):
             x, y = make_batch()
-            loss = loss_fn(m, x, y)
+            with (
+                torch.autocast("cuda", dtype=autocast)
+                if autocast is not None
+                else contextlib.nullcontext()
+            ):
+                loss = loss_fn(m, x, y)
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -108,6 +117,38 @@ def _train_both(model, make_batch, loss_fn, steps=3):
 def _no_eager_warning(record):
     eager = [w for w in record if "runs eagerly" in str(w.message)]
     assert not eager, eager[0].message
+
+
+def _no_autocast_warning(record):
+    # e.g. "CUDA is not available ... Disabling autocast": an autocast that did nothing
+    said = [w for w in record if "autocast" in str(w.message).lower()]
+    assert not said, said[0].message
+
+
+@pytest.fixture
+def shipped(monkeypatch):
+    """The graphs as they travel to the agent (``graph_to_data``'s output), in order."""
+    from jupyter_elastic_gpu.remote import compile as remote_compile
+
+    graphs = []
+    real = remote_compile.graph_to_data
+
+    def spy(gm):
+        data, outs = real(gm)
+        graphs.append(data)
+        return data, outs
+
+    monkeypatch.setattr(remote_compile, "graph_to_data", spy)
+    return graphs
+
+
+def _casts(graph, dtype):
+    """The graph's ``_to_copy`` nodes to ``dtype`` (wire name, e.g. "bfloat16")."""
+    return [
+        n
+        for n in graph["nodes"]
+        if n["op"] == "aten::_to_copy.default" and n["kwargs"].get("dtype") == {"dt": dtype}
+    ]
 
 
 def test_compiled_cnn_training_matches_eager_step_for_step(gpu):
@@ -255,3 +296,172 @@ def test_cpu_tensors_run_eagerly(gpu):
     x = torch.randn(2, 3)
     with pytest.warns(UserWarning, match="not all on the remote GPU"):
         torch.testing.assert_close(compiled(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Autocast: the casts of CUDA's policy are traced into the graph (as on a real GPU), so the
+# compiled graph computes in the dtypes eager autocast does.
+
+# bf16 has 8 bits of mantissa; inductor also keeps some bf16 intermediates in float32.
+BF16_RTOL, BF16_ATOL = 2e-2, 1e-2
+
+
+def test_compiled_training_under_bf16_autocast_matches_eager_step_for_step(gpu, shipped):
+    torch.manual_seed(0)
+
+    def batch():
+        idx = torch.randint(0, 32, (2, 8), device="cuda")
+        return idx, torch.roll(idx, -1, 1)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        curves, eager, base, compiled = _train_both(
+            Block(), batch, lambda m, x, y: m(x, y), autocast=torch.bfloat16
+        )
+    _no_eager_warning(record)
+    _no_autocast_warning(record)
+    assert compiled._compiled.stats == {"captures": 1, "compiled_calls": 3, "eager_calls": 0}
+    torch.testing.assert_close(curves["compiled"], curves["eager"], rtol=BF16_RTOL, atol=BF16_ATOL)
+    # Parameters stay float32 (autocast casts copies), updated alike by SGD between calls.
+    assert base.head.weight.dtype == torch.float32
+    torch.testing.assert_close(
+        base.head.weight.cpu(), eager.head.weight.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL
+    )
+    # The forward graph casts the weights and activations of every linear to bf16 (CUDA's
+    # lower-precision list) and the logits back to float32 for the loss (its float32 list):
+    # explicit ops of the graph, so the agent needs no autocast of its own.
+    forward, backward = shipped
+    assert len(_casts(forward, "bfloat16")) >= 5  # qkv, proj, mlp x2, head: weight casts
+    assert _casts(forward, "float32")
+    assert any(i["dtype"] == "bfloat16" for i in backward["inputs"])  # saved bf16 activations
+
+
+def test_autocast_on_off_and_dtype_change_recompile_and_reuse(gpu, shipped):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to("cuda").eval()
+    compiled = torch.compile(model)
+    x = torch.randn(2, 4, device="cuda")
+    states = [torch.bfloat16, None, torch.bfloat16, torch.float16, None]
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        for dtype in states:
+            with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                y, want = compiled(x), model(x)
+            assert y.dtype == want.dtype == (dtype or torch.float32)
+            rtol, atol = (RTOL, ATOL) if dtype is None else (BF16_RTOL, BF16_ATOL)
+            torch.testing.assert_close(y.cpu(), want.cpu(), rtol=rtol, atol=atol)
+    _no_eager_warning(record)
+    c = compiled._compiled
+    # bf16, float32 and fp16 are three graphs; the repeated states reuse theirs.
+    assert c.stats == {"captures": 3, "compiled_calls": 5, "eager_calls": 0}
+    assert len({i["handle"] for i in c.compiles}) == 3  # three agent artefacts, never shared
+    bf16, f32, f16 = shipped
+    assert _casts(bf16, "bfloat16") and _casts(f16, "float16")
+    assert not _casts(f32, "bfloat16") and not _casts(f32, "float16")
+
+
+class AutocastInside(nn.Module):
+    """Autocast written in ``forward``, as some models do: a bf16 region with a float32
+    island whose device comes from the tensor (HF's spelling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            h = self.a(x).tanh()
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                h = h.float().softmax(-1) * 2
+            return self.b(h)
+
+
+def test_autocast_inside_the_compiled_forward_is_captured(gpu, shipped):
+    torch.manual_seed(0)
+    model = AutocastInside().to("cuda")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    x = torch.randn(3, 4, device="cuda")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        y, want = compiled(x), eager(x)
+        y.float().square().sum().backward()
+        want.float().square().sum().backward()
+    _no_eager_warning(record)
+    _no_autocast_warning(record)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.cpu(), want.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    for p, q in ((model.a.weight, eager.a.weight), (model.b.bias, eager.b.bias)):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad.cpu(), q.grad.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    assert compiled._compiled.stats["compiled_calls"] == 1
+    forward = shipped[0]
+    assert _casts(forward, "bfloat16") and _casts(forward, "float32")
+
+
+class ReadsAutocastState(nn.Module):
+    """Code that asks whether autocast is on before leaving it, as HF's ``maybe_autocast``
+    does around Llama's rotary embedding: the answer must be the same while capturing as in
+    eager code, or the compiled graph would take the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        dev = x.device.type
+        on = torch.is_autocast_enabled(dev)
+        with torch.autocast(dev, enabled=False) if on else contextlib.nullcontext():
+            f = h.float() @ h.float().T  # a float32 island under autocast
+        if torch.is_autocast_enabled("cuda"):  # spelled as CUDA: the facade answers eagerly
+            f = f * 2
+        return f
+
+
+def test_code_reading_the_autocast_state_takes_the_same_branch_compiled(gpu, shipped):
+    torch.manual_seed(0)
+    model = ReadsAutocastState().to("cuda").eval()
+    compiled = torch.compile(model)
+    x = torch.randn(3, 4, device="cuda")
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, want = compiled(x), model(x)
+    _no_eager_warning(record)
+    assert y.dtype == want.dtype == torch.float32  # the island stayed float32 in both
+    torch.testing.assert_close(y.cpu(), want.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    # The island's matmul ran on float32 copies of the bf16 linear output, doubled.
+    h = model.a(x).to(torch.bfloat16).float()
+    torch.testing.assert_close(want.cpu(), (h @ h.T * 2).cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    assert not _casts(shipped[0], "float16")
+
+
+def test_outputs_the_agents_device_computes_otherwise_fall_back_not_garbage(gpu):
+    """Batch norm under bf16 autocast saves its statistics in float32 on a GPU (and in the
+    capture), but in bf16 on a CPU agent (its decomposition casts them to the input's dtype):
+    the backward graph, compiled for float32 statistics, would read them out of bounds. The
+    client compares the agent's outputs with its capture and falls back instead."""
+    torch.manual_seed(0)
+    model = CNN().to("cuda")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, want = compiled(x), eager(x)
+        y.float().sum().backward()
+        want.float().sum().backward()
+    fallback = [w for w in record if "runs eagerly" in str(w.message)]
+    if AGENT_DEVICE == "cpu":
+        assert len(fallback) == 1
+        assert "computes graph output" in str(fallback[0].message)
+        assert "as bfloat16 [8]" in str(fallback[0].message)
+        assert compiled._compiled.stats["eager_calls"] == 1
+    else:
+        assert not fallback
+    torch.testing.assert_close(y.cpu(), want.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    torch.testing.assert_close(
+        model.conv.weight.grad.cpu(), eager.conv.weight.grad.cpu(), rtol=BF16_RTOL, atol=BF16_ATOL
+    )

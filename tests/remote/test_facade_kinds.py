@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -209,6 +210,33 @@ def test_amp_and_device_module(remote):
     scaler.step(opt)
     scaler.update()
     assert w.tolist() == pytest.approx([0.8, 0.8])
+
+
+def test_autocast_state_of_cuda_is_the_remote_gpus(remote):
+    # autocast("cuda") casts remote ops; code asking for CUDA's autocast state (HF's
+    # maybe_autocast(x.device.type, ...), torch.utils.checkpoint, torch.amp.custom_fwd) must
+    # see it on, or it skips its float32 islands and replays backward in other dtypes.
+    x = torch.ones(2, 2, device="cuda")
+    assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled(x.device.type) and torch.is_autocast_enabled("cuda")
+        assert torch.is_autocast_enabled()  # the old form without a device type means CUDA
+        assert torch.is_autocast_enabled(device_type="cuda")
+        assert torch.get_autocast_dtype("cuda") == torch.bfloat16
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            assert torch.get_autocast_gpu_dtype() == torch.bfloat16
+        assert not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cuda")
+    prev = torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.float16)
+    try:
+        assert (x @ x).dtype == torch.float16  # what the setters set is what casts
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+        torch.set_autocast_dtype("cuda", prev)
+    assert (x @ x).dtype == torch.float32
 
 
 def test_accelerator_is_cuda(remote):

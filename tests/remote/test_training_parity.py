@@ -168,6 +168,29 @@ def test_autocast_bf16_runs_matmuls_in_bf16_and_trains(remote):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpoint_under_autocast_recomputes_in_the_same_dtypes(remote, reentrant):
+    # torch.utils.checkpoint saves the autocast state of the inputs' device ("cuda") and
+    # recomputes under it: the recomputation must cast as the forward did (it used to run in
+    # float32 and abort the process on the mismatch).
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).cuda()
+    x = torch.randn(4, 8, device="cuda", requires_grad=True)
+    grads = []
+    for use_checkpoint in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = checkpoint(block, x, use_reentrant=reentrant) if use_checkpoint else block(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        grads.append([p.grad.cpu() for p in block.parameters()] + [x.grad.cpu()])
+        block.zero_grad()
+        x.grad = None
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
+
+
 def test_no_grad_and_inplace_views_alias_like_cuda(remote):
     x = torch.arange(12.0).reshape(3, 4)
     r = x.clone().cuda()

@@ -151,5 +151,19 @@ def test_hostile_graphs_through_a_real_agent_leave_it_serving(agent, own_session
         with pytest.raises(Exception, match="unknown graph handle"):
             sess.synchronize()
         assert (x + 1).sum().item() == 6.0  # the session goes on
+        # A compiled graph given tensors other than those it was compiled for: inductor's
+        # code would read them out of their bounds, so the agent refuses the record.
+        handle = sess.request({"op": "compile_graph", "graph": GOOD, "mode": None})[0]["graph"][
+            "handle"
+        ]
+        a = torch.ones(2, 2, device="cuda")
+        for wrong in (a.half(), torch.ones(1, 2, device="cuda"), a.t().contiguous().t()[:, :1]):
+            _enqueue(sess, RunGraph(handle, [wrong._rid, a._rid], [sess.new_id()]).wire())
+            with pytest.raises(Exception, match="the graph was compiled for float32 \\[2, 2\\]"):
+                sess.synchronize()
+        _enqueue(sess, RunGraph(handle, [a._rid], [sess.new_id()]).wire())
+        with pytest.raises(Exception, match="takes 2 inputs"):
+            sess.synchronize()
+        assert (x + 1).sum().item() == 6.0
     with own_session(agent.address):  # and so do others
         assert torch.full((2,), 2.0, device="cuda").sum().item() == 4.0
