@@ -118,7 +118,7 @@ PHASES = [  # (phase, substrings of "file:function" that belong to it), first ma
     ),
     ("parse (messages)", ["messages.py"]),
     ("resolve", ["executor.py:__call__", "executor.py:_plan", "executor.py:plan"]),
-    ("decode args", ["values.py", "executor.py:tensor"]),
+    ("decode args", ["values.py", "executor.py:tensor", "executor.py:_fill", "_sig_kwargs"]),
     ("layout checks", ["layouts.py", "_ops.py:__hash__", "_ops.py:__eq__"]),
     (
         "store/account",
@@ -225,6 +225,8 @@ class Replayer:
             op = header["op"]
             if op == "batch":
                 msg = m.parse(header)
+                if getattr(msg, "sigs", None):  # as the worker defines them (agent/worker.py)
+                    ex.define_signatures(msg.sigs)
                 ex.run_batch(msg.ops, bufs, msg.free, self.interrupted)
             elif op == "call":
                 msg = m.parse(header)

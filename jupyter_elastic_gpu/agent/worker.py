@@ -198,6 +198,8 @@ class Worker:
                 self.sel.unregister(self.client)
                 self.client.close()
             self.client = conn
+            # Signatures belong to a connection; the client sends its own again on this one.
+            self.executor.reset_signatures()
             self.reader = FrameReader(conn, self.receive_buffer)
             self.sel.register(self.client, selectors.EVENT_READ, "client")
             self.on_hello(hello)
@@ -370,6 +372,11 @@ class Worker:
 
     def handle(self, msg: m.Message, bufs) -> None:
         kind = type(msg)
+        if kind is m.Batch and msg.sigs:
+            # The table is the connection's, not the lease's: a batch refused below (its lease
+            # ran out) still defines its signatures, as the client counts them sent. Defining
+            # resolves names and decodes constants; nothing runs.
+            self.executor.define_signatures(msg.sigs)
         if kind not in self.NEED_NO_LEASE:
             self.check_lease()
             if self.executor.error is not None and kind not in self.REPORT_LATER:
