@@ -516,7 +516,8 @@ class SessionExecutor:
                 self._fail(outs)
                 if self.error is None:
                     self.error = error_payload(e, deferred=True)
-        self.free(free)
+        if free:
+            self.free(free)
 
     def _run_graph(self, rec) -> None:
         handle, in_ids, out_ids = rec
