@@ -391,8 +391,9 @@ class SigUse(NamedTuple):
 
 
 def template_size(v, depth: int = 0) -> int:
-    """How many values a template holds (a list or object counts one, plus its contents):
-    what the table's bounds are counted in, by both ends alike."""
+    """How many values a template holds (a list or object counts one, plus its contents; a
+    string one per 16 characters begun): what the table's bounds are counted in, by both ends
+    alike, so that a table's memory is bounded however its frames are filled."""
     t = type(v)
     if t is list or t is dict:
         if depth > SIG_DEPTH_MAX:
@@ -401,6 +402,8 @@ def template_size(v, depth: int = 0) -> int:
         for x in v if t is list else v.values():
             n += template_size(x, depth + 1)
         return n
+    if t is str:
+        return 1 + len(v) // 16
     return 1
 
 

@@ -241,7 +241,8 @@ class _Op:
     def __init__(self, func):
         self.name = f"{func._schema.name}.{func._overloadname}"
         self.special = SPECIAL.get(func)
-        self.cache = {}  # argument signature -> output spec (or _SYNC)
+        # argument key -> [output spec (or _SYNC), wire signature id, the table it is in]
+        self.cache = {}
         # Float scalars change no output metadata of elementwise and foreach ops (only their
         # kind takes part in type promotion), yet optimizers pass new ones every step (lr
         # schedules, bias corrections): keying them by value would miss the cache every step.

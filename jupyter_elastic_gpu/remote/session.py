@@ -162,7 +162,9 @@ class RemoteSession:
         with self._lock:
             if len(self.sigs) >= m.SIG_MAX or self._sig_size + size > m.SIG_SIZE_MAX:
                 # Start afresh (the next definition is 0), after the ops that use the old one.
-                self._flush()
+                # (Queued ops mean a lease: frees alone wait for the next op, as they would.)
+                if self._pending:
+                    self._flush()
                 self.sigs, self._sig_size, self._sig_sent = [], 0, 0
             n = len(self.sigs)
             self.sigs.append(m.SigDef(n, name, args, kwargs, nout).wire())

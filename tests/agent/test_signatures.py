@@ -284,3 +284,9 @@ def test_wire_shapes():
     assert batch.sigs == [d.wire()]
     with pytest.raises(m.ProtocolError, match="sigs"):
         m.parse({"op": "batch", "ops": [], "sigs": {"sig": 0}})
+
+
+def test_long_strings_count_against_the_table_by_their_length(ex):
+    assert m.template_size("mean") == 1 and m.template_size("x" * 160) == 11
+    with pytest.raises(m.ProtocolError, match="template values; at most"):
+        define(ex, (0, "aten::neg.default", [T, "x" * (16 * m.SIG_DEF_SIZE_MAX)], {}, 1))
