@@ -343,8 +343,9 @@ SIG_MAX = 1 << 16  # signatures in one table
 SIG_SIZE_MAX = 1 << 21  # template values (``template_size``) in one table, all signatures
 SIG_DEF_SIZE_MAX = 1 << 14  # template values of one signature (larger ones go as ``Run``)
 SIG_DEPTH_MAX = 6  # lists in lists of a template (aten arguments nest two deep at most)
-# Holes of a template: a tensor of the session (its id in the use record) or a float scalar
-# (a number in the use record). Everything else in a template is a constant, decoded once.
+# Holes of a template: a tensor of the session (its id in the use record) or a float (a
+# number in the use record: learning rates change every step). Everything else in a template
+# is a constant, decoded once.
 HOLE_TENSOR = {"hole": "t"}
 HOLE_FLOAT = {"hole": "f"}
 

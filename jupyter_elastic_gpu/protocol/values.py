@@ -198,25 +198,27 @@ def argument_encoder(remote_type: type, remote_ref, float_key=None):
     return encode
 
 
-# What ``float_key`` answers for a float that is a hole: one key for many values.
-FLOAT_HOLE = (float,)
+# What a ``float_key`` answers for a float whose value leaves the output metadata alone.
+ANY_FLOAT = (float,)
 
 
 def signature_encoder(remote_type: type, remote_ref, float_key=None):
     """The client's per-op pass for signature records: appends the meta-inference cache key's
-    parts to ``sig`` (as ``argument_encoder`` does, so the two keys agree), the values of the
-    template's holes to ``holes`` (tensor ids; floats whose key is ``FLOAT_HOLE``) and CPU
-    tensors to ``bufs`` as they are (an op with any goes as a ``Run``, encoded again)."""
+    parts to ``sig``, the values of the template's holes to ``holes`` (tensor ids and every
+    float) and CPU tensors to ``bufs`` as they are (an op with any goes as a ``Run``, encoded
+    again by ``argument_encoder``). ``float_key(v)``, if given, is what a float stands for in
+    the key (else its type and value).
+
+    Floats are always holes: a key that stands for many values (``float_key``), or for
+    ``0.0`` and ``-0.0`` at once, must not bake one of them into the template."""
 
     def encode(v, sig, holes, bufs, inputs):
         t = type(v)
         if t is remote_type or isinstance(v, remote_type):
             holes.append(remote_ref(v, sig, inputs))
-        elif t is float and float_key is not None:
-            k = float_key(v)
-            sig.append(k)
-            if k is FLOAT_HOLE:
-                holes.append(v)
+        elif t is float:
+            sig.append(float_key(v) if float_key is not None else (t, v))
+            holes.append(v)
         elif t in _SCALARS:
             sig.append((t, v))
         elif t is list or t is tuple or t is torch.Size:
@@ -236,14 +238,14 @@ def signature_encoder(remote_type: type, remote_ref, float_key=None):
         elif t is torch.dtype or t is torch.device or t is torch.memory_format or t is torch.layout:
             sig.append(v)
         elif t is complex:
-            sig.append((t, v))
+            sig.append((t, repr(v)))  # a constant: -0.0 and 0.0 parts must differ in the key
         else:
             argument_encoder(remote_type, remote_ref)(v, sig, bufs, inputs)  # raises, saying why
 
     return encode
 
 
-def signature_template(remote_type: type, float_key=None):
+def signature_template(remote_type: type):
     """An argument as a signature template (``messages.SigDef``): ``HOLE_TENSOR`` and
     ``HOLE_FLOAT`` where ``signature_encoder`` takes a hole, in the same order, and
     ``argument_encoder``'s wire form elsewhere. Made once per signature."""
@@ -253,7 +255,7 @@ def signature_template(remote_type: type, float_key=None):
         t = type(v)
         if t is remote_type or isinstance(v, remote_type):
             return HOLE_TENSOR
-        if t is float and float_key is not None and float_key(v) is FLOAT_HOLE:
+        if t is float:
             return HOLE_FLOAT
         if t is list or t is tuple or t is torch.Size:
             return [template(x) for x in v]

@@ -20,7 +20,7 @@ from torch.utils.backend_registration import _setup_privateuseone_for_python_bac
 
 from ..layouts import CONVOLUTIONS, conform
 from ..protocol.values import (
-    FLOAT_HOLE,
+    ANY_FLOAT,
     argument_encoder,
     signature_encoder,
     signature_template,
@@ -261,11 +261,11 @@ def _op_record(func):
 
 def _float_key(v):
     # Values beyond int8's range may overflow a conversion (an error meta inference reports),
-    # so they keep their value in the key; the rest share one entry (and are holes).
+    # so they keep their value in the key; the rest share one entry.
     return _FLOAT if -128.0 <= v <= 127.0 else (float, v)
 
 
-_FLOAT = FLOAT_HOLE
+_FLOAT = ANY_FLOAT
 
 
 def _remote_ref(v, sig, inputs):
@@ -280,21 +280,18 @@ def _remote_ref(v, sig, inputs):
 
 
 _encode = argument_encoder(RemoteTensor, _remote_ref)
-_encode_scalar_free = argument_encoder(RemoteTensor, _remote_ref, _float_key)
 _holes = signature_encoder(RemoteTensor, _remote_ref)
 _holes_scalar_free = signature_encoder(RemoteTensor, _remote_ref, _float_key)
 _template = signature_template(RemoteTensor)
-_template_scalar_free = signature_template(RemoteTensor, _float_key)
 _UNSIGNED = object()  # a cache entry's table when its template is too large for a signature
 
 
-def _wire_args(args, kwargs, scalar_free):
+def _wire_args(args, kwargs):
     """The self-contained ``Run`` form of an op's arguments, and its CPU buffers (uploads,
     sync calls and templates too large for a signature)."""
-    enc = _encode_scalar_free if scalar_free else _encode
-    sig, bufs, inputs = [], [], []
-    eargs = [enc(v, sig, bufs, inputs) for v in args]
-    ekwargs = {k: enc(v, sig, bufs, inputs) for k, v in kwargs.items()} if kwargs else {}
+    sig, bufs, inputs = [], [], []  # the key was made already, by _holes
+    eargs = [_encode(v, sig, bufs, inputs) for v in args]
+    ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()} if kwargs else {}
     return eargs, ekwargs, bufs
 
 
@@ -302,9 +299,8 @@ def _define(sess, entry, op, args, kwargs, nout) -> bool:
     """Give cache ``entry`` a signature in ``sess``'s current table; False: none fits."""
     if entry[2] is _UNSIGNED:
         return False
-    tpl = _template_scalar_free if op.scalar_free else _template
     got = sess.define_signature(
-        op.name, [tpl(v) for v in args], {k: tpl(v) for k, v in kwargs.items()}, nout
+        op.name, [_template(v) for v in args], {k: _template(v) for k, v in kwargs.items()}, nout
     )
     if got is None:
         entry[2] = _UNSIGNED
@@ -431,12 +427,9 @@ def _forward(func, args, kwargs, op=None):
             sig.append(v._key)
             inputs.append(v)
             rec.append(v._rid)
-        elif t is float:
-            if scalar_free and -128.0 <= v <= 127.0:  # _float_key, inline
-                sig.append(_FLOAT)
-                rec.append(v)
-            else:
-                sig.append((t, v))
+        elif t is float:  # always a hole (see signature_encoder)
+            sig.append(_FLOAT if scalar_free and -128.0 <= v <= 127.0 else (t, v))  # _float_key
+            rec.append(v)
         elif t is int or t is bool or v is None:
             sig.append((t, v))
         else:
@@ -465,7 +458,7 @@ def _forward(func, args, kwargs, op=None):
             cache[key] = entry
     spec = entry[0]
     if spec is _SYNC:
-        eargs, ekwargs, bufs = _wire_args(args, kwargs, scalar_free)
+        eargs, ekwargs, bufs = _wire_args(args, kwargs)
         return sess.call(func, eargs, ekwargs, bufs, inputs)
     # Outputs live where the op runs: an explicit device argument, else its first input's GPU.
     if kwargs:
@@ -487,7 +480,7 @@ def _forward(func, args, kwargs, op=None):
         ids = []
         out = _build(spec, inputs, ids, sess, idx)
     if entry[2] is not sess.sigs and (bufs or not _define(sess, entry, op, args, kwargs, len(ids))):
-        eargs, ekwargs, bufs = _wire_args(args, kwargs, scalar_free)
+        eargs, ekwargs, bufs = _wire_args(args, kwargs)
         sess.enqueue(op.name, eargs, ekwargs, ids, bufs)
         return out
     rec[0] = entry[1]

@@ -5,6 +5,7 @@ started afresh, and memory freed between ops is reused in stream order."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -131,3 +132,16 @@ def test_frees_ride_on_the_next_op_and_memory_is_reused_within_a_batch(agent, ow
         assert float(x[0]) == 50.0
         # Each x + 1 found the previous x freed before it ran: at most two alive at a time.
         assert torch.cuda.max_memory_allocated() <= base + 2 * (4 << 20)
+
+
+def test_no_float_is_baked_into_a_signature(remote):
+    # 0.0 and -0.0 share a cache key (NaNs miss theirs): every float goes in the use record,
+    # and a complex constant's key tells the signs of its zeros apart.
+    for v in (-0.0, 0.0, -0.0, float("inf"), float("nan"), 2.5):
+        got = torch.full((2,), v, device="cuda").cpu()
+        want = torch.full((2,), v)
+        assert torch.equal(got.signbit(), want.signbit()), v
+        assert torch.equal(got, want) or (got.isnan().all() and want.isnan().all()), v
+    for c in (complex(1, -0.0), complex(1, 0.0)):
+        got = torch.full((1,), c, device="cuda").cpu()
+        assert bool(got.imag.signbit()) == (math.copysign(1, c.imag) < 0), c
