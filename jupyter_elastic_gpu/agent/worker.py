@@ -301,7 +301,15 @@ class Worker:
         self.notify(
             event="attached", user=self.user, fraction=self.fraction, in_use=self.executor.in_use
         )
-        self.reply({"ok": True, "device": self.device_info(), "swap_in": self.last_swap_in})
+        # "signatures": this agent reads SigDef/SigUse records (an older one takes only Runs).
+        self.reply(
+            {
+                "ok": True,
+                "device": self.device_info(),
+                "swap_in": self.last_swap_in,
+                "signatures": True,
+            }
+        )
 
     def wait_for(self, what: str, timeout: float | None = 120.0):
         """Block on the control socket until the agent sends ``what`` (other commands run meanwhile)."""

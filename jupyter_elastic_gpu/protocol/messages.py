@@ -5,7 +5,8 @@ is one frozen dataclass below, and ``parse`` is the one validator both of the ag
 (its main process for a connection's first frame, a session's worker for the rest) call before
 dispatching on the parsed type. Field types are checked exactly (``True`` is no int, ``"0"`` is
 no index), so a handler gets only the shapes it was declared to take. Fields a peer adds that
-are not declared are ignored, as in Jupyter's message spec, so old agents accept new clients.
+are not declared are ignored, as in Jupyter's message spec, so old agents accept new clients
+(which send signature records only to an agent whose hello reply says it reads them).
 
 Op arguments inside ``call`` and ``batch`` are values of ``values.py``'s tagged schema; their
 tensors travel as the frame's raw buffers. Replies are ``{"ok": true, ...}``, an

@@ -296,8 +296,13 @@ def _wire_args(args, kwargs):
 
 
 def _define(sess, entry, op, args, kwargs, nout) -> bool:
-    """Give cache ``entry`` a signature in ``sess``'s current table; False: none fits."""
+    """Give cache ``entry`` a signature in ``sess``'s current table; False: none fits, or the
+    agent reads no signatures."""
     if entry[2] is _UNSIGNED:
+        return False
+    if not sess.attached:
+        sess.attach()  # its hello reply tells whether this agent reads signatures
+    if not sess.signatures:
         return False
     got = sess.define_signature(
         op.name, [_template(v) for v in args], {k: _template(v) for k, v in kwargs.items()}, nout

@@ -124,6 +124,7 @@ class RemoteSession:
         self.sigs: list[dict] = []
         self._sig_size = 0
         self._sig_sent = 0  # how many of them this connection's agent has been sent
+        self.signatures = False  # whether the agent reads them (its hello reply says)
         self.attached = False
         self.address = None
         self.sock: socket.socket | None = None
@@ -421,6 +422,11 @@ class RemoteSession:
                 self.lease_provider.release()
                 _raise_remote(reply["error"])
             self.info = reply["device"]
+            self.signatures = reply.get("signatures") is True
+            if not self.signatures and self.sigs:
+                # An agent that reads only Run records (an older one): ids of the table are
+                # no use there, and a fresh table sends every cache entry back to _define.
+                self.sigs, self._sig_size, self._sig_sent = [], 0, 0
             self.attached = True
         for cb in self.on_attach:
             cb(self)

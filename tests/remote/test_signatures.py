@@ -145,3 +145,24 @@ def test_no_float_is_baked_into_a_signature(remote):
     for c in (complex(1, -0.0), complex(1, 0.0)):
         got = torch.full((1,), c, device="cuda").cpu()
         assert bool(got.imag.signbit()) == (math.copysign(1, c.imag) < 0), c
+
+
+def test_an_agent_that_reads_no_signatures_is_sent_run_records(agent, own_session):
+    with own_session(agent.address) as sess:
+        recv = sess._recv
+
+        def older_agent():  # its hello reply lacks "signatures"
+            reply, bufs = recv()
+            reply.pop("signatures", None)
+            return reply, bufs
+
+        sess._recv = older_agent
+        seen, restore = records(sess)
+        try:
+            x = torch.arange(4.0, device="cuda")
+            for _ in range(3):
+                x = x * 2.0 + 1.0
+            assert x.tolist() == [7.0, 15.0, 23.0, 31.0]
+        finally:
+            restore()
+        assert seen["sig"] == 0 and seen["run"] == sess.stats["ops"] > 6 and sess.sigs == []
