@@ -300,7 +300,16 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run on a CPU agent")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     ap.add_argument("--workloads", default=",".join(REAL + PROBES + BASICS))
+    ap.add_argument(
+        "--bulk-streams",
+        type=int,
+        default=None,
+        help="ELASTIC_GPU_BULK_STREAMS of the remote runs (default: the environment's, else 4; "
+        "0: large payloads on the session's one connection, as before bulk streams)",
+    )
     opts = ap.parse_args(argv)
+    if opts.bulk_streams is not None:
+        os.environ["ELASTIC_GPU_BULK_STREAMS"] = str(opts.bulk_streams)  # the clients inherit it
     agent = LocalAgent(device=opts.device, quiet=True)
     results = {}
     try:
@@ -331,11 +340,14 @@ def main(argv=None):
             )
     finally:
         agent.stop()
-    md = markdown(results, opts.device + (" (--quick)" if opts.quick else ""))
+    streams = os.environ.get("ELASTIC_GPU_BULK_STREAMS") or "4"
+    md = markdown(
+        results, opts.device + (" (--quick)" if opts.quick else "") + f", bulk streams {streams}"
+    )
     print(md)
     if opts.out:
         with open(opts.out + ".json", "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({**results, "bulk_streams": streams}, f, indent=1)
         with open(opts.out + ".md", "w") as f:
             f.write(md)
 

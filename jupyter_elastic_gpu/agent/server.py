@@ -184,10 +184,13 @@ class SessionWorker:
             self.stopping or self.gone or self.ended.is_set() or self.proc.poll() is not None
         )
 
-    def hand_over(self, conn: socket.socket, hello: dict, tls: bool = False) -> None:
-        cmd = {"cmd": "conn", "hello": hello, "tls": tls, "secret": self.secret}
+    def hand_over(self, conn: socket.socket, hello: dict, tls: bool = False, kind="conn") -> None:
+        """Pass a client's connection to the worker: its data connection (``conn``) or one of
+        its bulk streams (``bulk``)."""
+        cmd = {"cmd": kind, "hello": hello, "tls": tls, "secret": self.secret}
         socket.send_fds(self.ctl, [json.dumps(cmd).encode()], [conn.fileno()])
-        self.connected, self.disconnected_at = True, None
+        if kind == "conn":
+            self.connected, self.disconnected_at = True, None
 
     def stop(self, reason: str) -> None:
         self.stopping = True
@@ -388,6 +391,24 @@ class Agent:
         worker = self._session_worker(conn, hello)
         if worker is None:
             return False
+        return self._hand_over(conn, worker, hello)
+
+    def _bulk_hello(self, conn, hello: m.BulkHello) -> bool:
+        """A bulk stream (protocol/bulk.py) of a session that exists: the secret here, then in
+        the worker the secret again (after its own TLS handshake), the lease token and the
+        nonce of the connection the stream joins."""
+        with self.lock:
+            worker = self.workers.get(hello.session)
+        if (
+            worker is None
+            or not worker.alive
+            or not hmac.compare_digest(worker.secret.encode(), hello.secret.encode())
+        ):
+            send_refusal(conn, "no such session, or wrong secret")
+            return False
+        return self._hand_over(conn, worker, hello, kind="bulk")
+
+    def _hand_over(self, conn, worker: SessionWorker, hello, kind="conn") -> bool:
         if self.tls is not None:
             # TLS state cannot cross processes: end this TLS layer; the worker starts its own.
             try:
@@ -396,11 +417,11 @@ class Agent:
                 conn.unwrap()
             except (OSError, ValueError) as e:
                 log.info("session %s: client left during the TLS hand-over: %s", worker.session, e)
-                if not worker.connected and worker.disconnected_at is None:
+                if kind == "conn" and not worker.connected and worker.disconnected_at is None:
                     worker.disconnected_at = time.monotonic()  # freed after the grace period
                 return False
         try:
-            worker.hand_over(conn, hello.header(), tls=self.tls is not None)
+            worker.hand_over(conn, hello.header(), tls=self.tls is not None, kind=kind)
         except OSError:  # the worker died between lookup and hand-over
             self.forget(worker)
             send_refusal(conn, "this session's worker just ended; connect again")
@@ -492,6 +513,7 @@ class Agent:
         m.Inventory: _inventory,
         m.Interrupt: _by_secret,
         m.Close: _by_secret,
+        m.BulkHello: _bulk_hello,
     }
 
     def gpu_totals(self) -> dict[int, int]:

@@ -13,6 +13,7 @@ import argparse
 import hmac
 import json
 import os
+import secrets
 import select
 import selectors
 import signal
@@ -24,6 +25,7 @@ import torch
 
 from ..lifecycle import exit_with_parent
 from ..protocol import messages as m
+from ..protocol.bulk import BulkStreams
 from ..protocol.fraction import GPUFraction
 from ..protocol.frames import FrameReader, ProtocolError, recv_frame, send_frame, send_refusal
 from ..protocol.tls import GO_AHEAD, server_context
@@ -67,6 +69,10 @@ class Worker:
         self.cap_bytes = 0
         self.client: socket.socket | None = None
         self.reader: FrameReader | None = None
+        # The client connection's bulk streams (protocol/bulk.py), and the nonce a bulk hello
+        # must name to join this connection (a new connection gets a new one).
+        self.bulk: BulkStreams | None = None
+        self.bulk_conn: str | None = None
         self.arena = WorkerArena(*opts.arena) if opts.arena else None
         self.fatal = False
         self.cancel_epoch = 0  # batches of an older epoch than this were interrupted
@@ -175,7 +181,9 @@ class Worker:
         if not msg:
             self.shutdown("the agent process went away")
         cmd = json.loads(msg)
-        if cmd["cmd"] == "conn":
+        if cmd["cmd"] == "bulk":
+            self.on_bulk_stream(socket.socket(fileno=fds[0]), cmd)
+        elif cmd["cmd"] == "conn":
             conn = socket.socket(fileno=fds[0])
             conn.setblocking(True)
             hello = cmd["hello"]
@@ -184,7 +192,7 @@ class Worker:
                     conn = self.tls_leg(conn)
                     hello, _ = recv_frame(conn)
                     conn.settimeout(None)
-                    if not _same_secret(hello, cmd["secret"]):
+                    if not _same_secret(hello, cmd["secret"], "hello"):
                         raise HelloRejected("wrong secret for this session")
                 check_hello(hello, self.lease_secret, self.opts.agent_id, self.session, self.user)
             except (HelloRejected, OSError, ProtocolError, ValueError) as e:
@@ -197,10 +205,12 @@ class Worker:
             if self.client is not None:
                 self.sel.unregister(self.client)
                 self.client.close()
+            self.close_bulk()
             self.client = conn
             # Signatures belong to a connection; the client sends its own again on this one.
             self.executor.reset_signatures()
             self.reader = FrameReader(conn, self.receive_buffer)
+            self.bulk, self.bulk_conn = BulkStreams("bulk"), secrets.token_urlsafe(12)
             self.sel.register(self.client, selectors.EVENT_READ, "client")
             self.on_hello(hello)
         elif cmd["cmd"] == "stop":
@@ -212,6 +222,40 @@ class Worker:
             # so an interrupt that finds the worker idle cannot poison the next cell.
             epoch = cmd.get("epoch")
             self.cancel_epoch = max(self.cancel_epoch, epoch if type(epoch) is int else 0)
+
+    def on_bulk_stream(self, conn: socket.socket, cmd: dict) -> None:
+        """A bulk stream for the current client connection: checked as a hello is (the secret
+        again after our own TLS leg, the lease token), and it must name this connection's
+        nonce. A refusal closes only the newcomer."""
+        conn.setblocking(True)
+        hello = cmd["hello"]
+        try:
+            if cmd.get("tls"):
+                conn = self.tls_leg(conn)
+                hello, _ = recv_frame(conn)
+                conn.settimeout(None)
+            msg = m.parse(hello, (m.BulkHello,))
+            if not _same_secret(hello, cmd["secret"], m.Op.BULK_HELLO.value):
+                raise HelloRejected("wrong secret for this session")
+            check_hello(hello, self.lease_secret, self.opts.agent_id, self.session, self.user)
+            if (
+                self.client is None
+                or self.bulk is None
+                or not hmac.compare_digest(msg.conn.encode(), self.bulk_conn.encode())
+            ):
+                raise HelloRejected("this bulk stream names no live connection of the session")
+            send_frame(conn, {"ok": True, "index": msg.index})
+        except (HelloRejected, OSError, ProtocolError, ValueError) as e:
+            if isinstance(e, (HelloRejected, ProtocolError)):
+                send_refusal(conn, str(e))
+            conn.close()
+            return
+        self.bulk.add(msg.index, conn)
+
+    def close_bulk(self) -> None:
+        if self.bulk is not None:
+            self.bulk.close()
+        self.bulk = self.bulk_conn = None
 
     def tls_leg(self, conn):
         """Second leg of a TLS session connection (see protocol/tls.py): the go-ahead byte, then
@@ -308,6 +352,8 @@ class Worker:
                 "device": self.device_info(),
                 "swap_in": self.last_swap_in,
                 "signatures": True,
+                # Bulk streams may join this connection (protocol/bulk.py) naming this nonce.
+                "bulk_offer": {"conn": self.bulk_conn, "max": m.MAX_BULK_STREAMS},
             }
         )
 
@@ -348,6 +394,7 @@ class Worker:
             self.sel.unregister(self.client)
             self.client.close()
             self.client = self.reader = None
+        self.close_bulk()
         self.attached = False
         self.notify(event="disconnected")
 
@@ -362,6 +409,18 @@ class Worker:
         except (OSError, ConnectionError):
             self.drop_client()
             return
+        if "bulk" in header:  # payloads that come over the bulk streams: whole, or hang up
+            try:
+                if self.bulk is None:
+                    raise ProtocolError("bulk transfers announced, but no bulk stream is open")
+                self.bulk.receive(header, bufs, self.receive_buffer)
+            except ProtocolError as e:
+                self.reply(m.error_reply("ProtocolError", str(e)))
+                self.drop_client()
+                return
+            except (OSError, ConnectionError):
+                self.drop_client()
+                return
         msg = None
         try:
             msg = m.parse(header, tuple(self.HANDLERS))
@@ -439,7 +498,20 @@ class Worker:
     def _fetch(self, msg: m.Fetch, bufs):
         self.sync()
         meta, raw = self.executor.fetch(msg.t)
-        return self.status(tensor=meta), [raw]
+        header, bufs = self.status(tensor=meta), [raw]
+        if msg.streams and self.bulk is not None and raw.nbytes:
+            # The client asked for the bytes over (up to) this many of its bulk streams.
+            ann, transfers = self.bulk.outgoing(bufs, 1, msg.streams)
+            if ann:
+                header["bulk"] = ann
+                self.reply(header, bufs)
+                if self.client is not None:
+                    try:
+                        self.bulk.send(transfers)
+                    except (OSError, ProtocolError):
+                        self.drop_client()
+                return None
+        return header, bufs
 
     def _call(self, msg: m.Call, bufs):
         result = self.executor.call(msg.name, msg.args, msg.kwargs, bufs)
@@ -596,8 +668,8 @@ class Worker:
 _NO_REPLY = frozenset(op for op, cls in m.MESSAGES.items() if cls.NO_REPLY)
 
 
-def _same_secret(hello, secret: str) -> bool:
-    given = hello.get("secret") if hello.get("op") == "hello" else None
+def _same_secret(hello, secret: str, op: str) -> bool:
+    given = hello.get("secret") if hello.get("op") == op else None
     return isinstance(given, str) and hmac.compare_digest(given.encode(), secret.encode())
 
 

@@ -45,6 +45,8 @@ class Op(str, enum.Enum):
     SET_RNG_STATE = "set_rng_state"
     EMPTY_CACHE = "empty_cache"
     COMPILE_GRAPH = "compile_graph"
+    BULK_HELLO = "bulk_hello"
+    CHUNK = "chunk"
 
     def __str__(self) -> str:
         return self.value
@@ -55,6 +57,12 @@ def _session_id(v) -> bool:
 
 
 SessionId = Annotated[str, _session_id, "a session id of 1 to 128 characters"]
+
+# A session's parallel bulk streams (see bulk.py): at most this many beside its connection.
+MAX_BULK_STREAMS = 16
+StreamIndex = Annotated[
+    int, lambda v: 0 <= v < MAX_BULK_STREAMS, f"a stream index from 0 to {MAX_BULK_STREAMS - 1}"
+]
 
 
 # -- field checks ----------------------------------------------------------------------------
@@ -214,9 +222,13 @@ class Sync(Message):
 
 @message(Op.FETCH)
 class Fetch(Message):
-    """The bytes of tensor ``t`` (one buffer in the reply, described by its ``tensor``)."""
+    """The bytes of tensor ``t`` (one buffer in the reply, described by its ``tensor``).
+
+    ``streams``: the reply's bytes may come over this many of the session's bulk streams
+    (announced in the reply's ``bulk``, see ``parse_bulk``); absent, they come inline."""
 
     t: int
+    streams: int | None = None
 
 
 @message(Op.CALL)
@@ -262,6 +274,73 @@ class CompileGraph(Message):
 
     graph: dict
     mode: str | None = None
+
+
+@message(Op.BULK_HELLO)
+class BulkHello(Message):
+    """A connection's first frame that makes it bulk stream ``index`` of a session's current
+    data connection (bulk.py). Proves ownership as a ``hello`` does (the session secret, and
+    the lease token where the agent requires one), and names the connection by the ``conn``
+    nonce the worker's hello reply gave, so it joins only the connection it was opened for.
+    Answered on the new stream ``{"ok": true, "index": index}`` or refused."""
+
+    session: SessionId
+    secret: str
+    conn: str
+    index: StreamIndex
+    token: str | None = None
+
+
+@message(Op.CHUNK)
+class Chunk(Message):
+    """The header of one piece of a bulk transfer, on a bulk stream: bytes ``[off, off + n)``
+    of transfer ``x`` follow as the frame's one buffer. Never valid on a data connection."""
+
+    x: int
+    off: int
+    n: int
+
+
+class Transfer(NamedTuple):
+    """A frame's payload ``buf`` sent over bulk streams instead of inline: transfer ``x`` of
+    ``n`` bytes, one chunk on each of the streams ``0 .. parts - 1``. On the wire the header's
+    ``bulk`` holds ``[buf, x, n, parts]`` per such payload, whose inline buffer is empty."""
+
+    buf: int
+    x: int
+    n: int
+    parts: int
+
+
+def parse_bulk(ann, lengths, streams: int, last_x: int, max_bytes: int) -> list[Transfer]:
+    """Check a frame's ``bulk`` announcement against the frame and the receiver's state:
+    payload indices of this frame whose inline bytes are empty, each named once; transfer ids
+    increasing past ``last_x`` (the last one this end received); sizes from 1 to
+    ``max_bytes``; at least one and at most ``streams`` (those open here) parts, none empty."""
+    if type(ann) is not list or not ann or len(ann) > len(lengths):
+        raise ProtocolError(f"bulk must be a list of at most {len(lengths)} transfers")
+    out, seen = [], set()
+    for rec in ann:
+        if not _int_list(rec) or len(rec) != 4:
+            raise ProtocolError(f"a bulk transfer is [buf, x, bytes, parts], got {_show(rec)}")
+        t = Transfer(*rec)
+        if not 0 <= t.buf < len(lengths) or t.buf in seen or lengths[t.buf] != 0:
+            raise ProtocolError(
+                f"bulk transfer {t.x} names payload {t.buf}, which is not an empty payload "
+                "of this frame named once"
+            )
+        if t.x <= last_x:
+            raise ProtocolError(f"bulk transfer id {t.x} does not follow the last one ({last_x})")
+        if not 0 < t.n <= max_bytes:
+            raise ProtocolError(f"bulk transfer {t.x} claims {t.n} bytes (1 to {max_bytes})")
+        if not 0 < t.parts <= min(streams, t.n):
+            raise ProtocolError(
+                f"bulk transfer {t.x} claims {t.parts} parts; {streams} bulk streams are open"
+            )
+        seen.add(t.buf)
+        last_x = t.x
+        out.append(t)
+    return out
 
 
 def parse(header: dict, accept: tuple[type[Message], ...] | None = None) -> Message:

@@ -17,13 +17,14 @@ import secrets
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 
 import torch
 
+from ..protocol import bulk, tls
 from ..protocol import messages as m
-from ..protocol import tls
 from ..protocol.client import interrupt_session, parse_address
 from ..protocol.frames import FrameReader, encode_frame, send_frame, send_frames, set_liveness
 from ..protocol.values import as_buffer, decode_result, host_buffer, tensor_from_buffer
@@ -130,6 +131,15 @@ class RemoteSession:
         self.sock: socket.socket | None = None
         self._reader: FrameReader | None = None
         self._kept = None  # a whole reply read when Ctrl-C came: still owed
+        # Parallel bulk streams of this connection (protocol/bulk.py), opened at the first
+        # large transfer where the worker offers them (its hello reply's ``bulk``).
+        self.bulk_streams = bulk.configured_streams()
+        self.bulk_min = bulk.configured_min_bytes()
+        self._bulk: bulk.BulkStreams | None = None
+        self._bulk_offer: dict | None = None
+        self._bulk_off = False  # opening them failed on this connection: payloads go inline
+        self._outgoing: list = []  # bulk transfers announced by frames about to be sent
+        self._token = None  # the lease token, which bulk streams show too
         self._next_id = 0
         self._pending: list = []
         self._bufs: list = []
@@ -229,7 +239,59 @@ class RemoteSession:
         self.stats["bytes_up"] += self._buf_bytes
         bufs = [as_buffer(b) for b in self._bufs]
         self._pending, self._bufs, self._buf_bytes = [], [], 0
+        self._bulk_out(header, bufs)
         return encode_frame(header, bufs)
+
+    def _bulk_out(self, header: dict, bufs: list) -> None:
+        """Payloads from ``bulk_min`` up leave the frame for the bulk streams (announced in
+        ``header``; sent by ``_send_frames`` right after the frame)."""
+        if not self.bulk_streams or all(bulk.nbytes_of(b) < self.bulk_min for b in bufs):
+            return
+        streams = self._bulk_ready()
+        if streams is not None:
+            ann, transfers = streams.outgoing(bufs, self.bulk_min)
+            if ann:
+                header["bulk"] = ann
+                self._outgoing.extend(transfers)
+
+    def _bulk_ready(self) -> bulk.BulkStreams | None:
+        """This connection's bulk streams, opened now if the worker offers them and none are
+        open; None where payloads go inline (turned off, not offered, or failed to open)."""
+        if self._bulk is not None:
+            return self._bulk if self._bulk.broken is None else None
+        offer = self._bulk_offer
+        if self._bulk_off or not self.bulk_streams or not offer or self.sock is None:
+            return None
+        host, port = parse_address(self.address)
+        streams = bulk.BulkStreams("egpu-bulk")
+        try:
+            for i in range(min(self.bulk_streams, int(offer.get("max") or 0))):
+                hello = m.BulkHello(
+                    session=self.session_id,
+                    secret=self.secret,
+                    conn=str(offer.get("conn")),
+                    index=i,
+                    token=self._token,
+                )
+                streams.add(
+                    i, bulk.open_stream(host, port, hello, self.connect_timeout, self.net_timeout)
+                )
+        except (OSError, ConnectionError, m.ProtocolError) as e:
+            streams.close()
+            self._bulk_off = True
+            print(
+                f"elastic-gpu: no bulk streams to the GPU agent at {self.address} ({e}); large "
+                "transfers use the session's one connection",
+                file=sys.stderr,
+            )
+            return None
+        except BaseException:
+            streams.close()
+            raise
+        if not streams.count:
+            return None
+        self._bulk = streams
+        return streams
 
     def _flush(self) -> None:
         frame = self._batch_frame()
@@ -255,9 +317,16 @@ class RemoteSession:
         self._send_frames([encode_frame(header, bufs)])
 
     def _send_frames(self, frames):
+        transfers, self._outgoing = self._outgoing, []
         try:
+            if transfers and self._owed_replies:
+                # The worker may be sending an owed reply over the bulk streams: read it first,
+                # or both ends would wait on full sockets.
+                self._drain_owed()
             send_frames(self.sock, frames)
-        except OSError as e:
+            if transfers:
+                self._bulk.send(transfers)
+        except (OSError, m.ProtocolError) as e:
             self._broken(e)
         except KeyboardInterrupt:
             # A frame cut in half cannot be resumed: reconnect (same session) at the next op.
@@ -295,6 +364,9 @@ class RemoteSession:
                 batch = None
             self._drain_owed()
             # The queued ops and the request that waits on them leave in one write.
+            if bufs:
+                bufs = list(bufs)
+                self._bulk_out(header, bufs)
             request = encode_frame(header, bufs)
             self._send_frames([batch, request] if batch is not None else [request])
             self.stats["requests"] += 1
@@ -331,7 +403,7 @@ class RemoteSession:
             try:
                 if not reader.buffered():
                     _wait_readable(self.sock, self.reply_timeout)
-                frame, ctrl_c = _read_whole(reader)
+                frame, ctrl_c = _read_whole(self._read_frame)
             except (OSError, ConnectionError, m.ProtocolError) as e:  # EOF, reset, a bad frame
                 self._broken(e)
             if ctrl_c is not None:
@@ -340,13 +412,32 @@ class RemoteSession:
         self._owed_replies -= 1
         return frame
 
+    def _read_frame(self):
+        """The next frame, with the payloads it announced on the bulk streams."""
+        header, bufs = self._reader.recv()
+        if "bulk" in header:
+            if self._bulk is None:
+                raise m.ProtocolError(
+                    "a reply announced bulk transfers, but no bulk stream is open"
+                )
+            self._bulk.receive(header, bufs, host_buffer)
+        return header, bufs
+
     def _drain_owed(self):
         while self._owed_replies:
             self._recv()
 
     # -- sync points ------------------------------------------------------------------------
     def fetch(self, x) -> torch.Tensor:
-        reply, bufs = self.request(m.Fetch(t=x._rid).header())
+        header = {"op": m.Op.FETCH.value, "t": x._rid}
+        if self.bulk_streams and x.numel() * x.element_size() >= self.bulk_min:
+            if not self.attached:
+                self.attach()
+            with self._lock:
+                streams = self._bulk_ready()
+                if streams is not None:
+                    header["streams"] = streams.count  # the reply may come over them
+        reply, bufs = self.request(header)
         self.stats["bytes_down"] += len(bufs[0])
         local = tensor_from_buffer(reply["tensor"], bufs[0])
         if local.stride() == x.stride() or not _dense(x):
@@ -391,6 +482,7 @@ class RemoteSession:
                 lost, self._lost = self._lost, None
                 raise lost
             lease = self.lease_provider.acquire(self)
+            self._token = lease.get("token")
             hello = m.Hello(
                 session=self.session_id,
                 secret=self.secret,
@@ -427,6 +519,7 @@ class RemoteSession:
                 # An agent that reads only Run records (an older one): ids of the table are
                 # no use there, and a fresh table sends every cache entry back to _define.
                 self.sigs, self._sig_size, self._sig_sent = [], 0, 0
+            self._bulk_offer = reply.get("bulk_offer")
             self.attached = True
         for cb in self.on_attach:
             cb(self)
@@ -451,6 +544,10 @@ class RemoteSession:
         # The agent's table is this connection's: the next one is sent every signature again
         # (queued records keep their ids, which stay valid).
         self._sig_sent = 0
+        streams, self._bulk, self._bulk_offer, self._bulk_off = self._bulk, None, None, False
+        self._outgoing = []
+        if streams is not None:
+            streams.close()
         if sock is None:
             return
         try:
@@ -462,6 +559,7 @@ class RemoteSession:
     def renew(self, token: str) -> None:
         """Hand the agent a refreshed lease token (no reply: a rejection shows at the next sync)."""
         with self._lock:
+            self._token = token
             if self.attached and self.sock is not None:
                 self._flush()
                 self._send(m.Renew(token=token).header())
@@ -519,6 +617,9 @@ def _after_fork_in_child() -> None:
     sess.attached = False
     sess.sock = None
     sess._reader = None
+    if sess._bulk is not None:
+        sess._bulk.forget()  # the parent's sockets, untouched; its threads are not here
+    sess._bulk, sess._outgoing = None, []
     sess._lock = threading.RLock()
     sess._pending, sess._bufs, sess._buf_bytes = [], [], 0
     sess.freed = []
@@ -551,18 +652,18 @@ _MAIN = threading.main_thread()
 _SIGINT = int(signal.SIGINT)
 
 
-def _read_whole(reader):
-    """Read one frame with Ctrl-C held back until it is whole (a frame cut in half would leave
+def _read_whole(read):
+    """Read one frame (``read()``) with Ctrl-C held back until it is whole (a frame cut in half would leave
     the stream out of step): the frame, and the held-back Ctrl-C's handler call (or None).
     Only the main thread receives KeyboardInterrupt. ``_signal`` rather than ``signal``: its
     wrappers turn handlers into enums, which cost 6 us of every sync."""
     previous = _signal.getsignal(_SIGINT) if threading.current_thread() is _MAIN else None
     if previous is None:  # another thread, or a handler set outside Python we could not restore
-        return reader.recv(), None
+        return read(), None
     caught = []
     _signal.signal(_SIGINT, lambda *a: caught.append(a))
     try:
-        frame = reader.recv()
+        frame = read()
     finally:
         _signal.signal(_SIGINT, previous)
     if not caught:

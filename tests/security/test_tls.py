@@ -224,6 +224,37 @@ def test_a_sniffer_sees_tensors_and_secrets_only_without_tls(mode, certs, make_a
         assert leaked == []
 
 
+SEND_BULK_TENSOR = f"""
+    import os
+    sess = remote.attach(os.environ["AGENT"], fraction=0.25)
+    data = bytearray({MARKER!r} * ((3 << 20) // {len(MARKER)}))  # 3 MiB: over bulk streams
+    t = torch.frombuffer(data, dtype=torch.uint8).cuda()
+    back = (t + 0).cpu()
+    assert bytes(back.numpy()) == bytes(data)
+    print("streams", sess._bulk.count, sess._bulk.sent_x, sess._bulk.recv_x)
+    print(sess.secret)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plaintext", "tls"])
+def test_bulk_streams_are_encrypted_like_the_session_connection(mode, certs, make_agent):
+    """Large payloads leave the session's connection for its bulk streams (protocol/bulk.py):
+    under TLS a tap on the wire sees none of their bytes either."""
+    agent = make_agent(*(tls_args(certs) if mode == "tls" else ()))
+    tap = Sniffer(agent.port)
+    env = dict(tls_env(certs) if mode == "tls" else {}, ELASTIC_GPU_BULK_MIN_MIB="1")
+    try:
+        out = client(tap.address, SEND_BULK_TENSOR, env)
+        assert out.returncode == 0, out.stderr
+        assert "streams 4 1 1" in out.stdout, out.stdout  # one upload, one fetch, 4 streams
+        secret = out.stdout.split()[-1].encode()
+    finally:
+        tap.close()
+    assert len(tap.seen) > 6 << 20
+    leaked = [w for w in (MARKER * 4, secret) if w in tap.seen]
+    assert leaked == ([MARKER * 4, secret] if mode == "plaintext" else [])
+
+
 def test_a_plaintext_client_is_told_the_agent_requires_tls(tls_agent):
     out = client(
         tls_agent.address,
