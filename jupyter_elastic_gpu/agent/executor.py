@@ -21,7 +21,7 @@ from ..protocol.messages import (
     SIG_SIZE_MAX,
     Free,
     ProtocolError,
-    _int_list,
+    is_id_list,
     parse_record,
     parse_sig_def,
     template_size,
@@ -334,7 +334,7 @@ class SessionExecutor:
             return x if x is not None else self.tensor(rid)
         if kind is _LT:
             ids = rec[cell[1] : cell[2]]
-            if _int_list(ids):
+            if is_id_list(ids):
                 try:
                     return [self.tensors[r] for r in ids]
                 except KeyError:
@@ -432,7 +432,7 @@ class SessionExecutor:
                             f"and {sg.nout} output ids; the record has {len(raw) - 1} values"
                         )
                     freed = raw[end:]
-                    if not _int_list(freed):
+                    if not is_id_list(freed):
                         raise ProtocolError(f"free ids must be integers, got {str(freed)[:60]}")
                     self.free(freed)  # dropped before this op: their memory is reused now
                 if self.cancelled or (i % 8 == 0 and interrupted()):

@@ -81,6 +81,9 @@ def _int_list(v) -> bool:
     return True
 
 
+# The executor checks a use record's output and free ids with it, as parse_record does here.
+is_id_list = _int_list
+
 _CHECKS: dict[Any, tuple] = {
     str: (lambda v: type(v) is str, "a string"),
     int: (_is_int, "an integer"),
