@@ -6,7 +6,7 @@
 
 Recording runs each workload (a tiny GPT-2 from transformers with AdamW under bf16 autocast, a
 small CNN with BatchNorm and AdamW) as a client against a local CPU agent and keeps every frame
-the client sends (``RemoteSession._send``): batches, calls, fetches, syncs. Replaying feeds
+the client encodes (``remote.session.encode_frame``): batches, calls, fetches, syncs. Replaying feeds
 those frames, from the session's first op, into a fresh in-process ``SessionExecutor`` the way
 the worker does (``messages.parse``, ``run_batch`` with a control-socket ``interrupted`` poll,
 ``call``, ``fetch``), and times the steps recorded between two marks, best of ``--repeat``.
@@ -44,21 +44,22 @@ if workload == "gpt2":
     import transformers
     from transformers import GPT2LMHeadModel  # noqa: F401  (lazy modules, before attach)
 from jupyter_elastic_gpu import remote
-from jupyter_elastic_gpu.remote.session import RemoteSession
+from jupyter_elastic_gpu.remote import session as session_module
 
 frames, blob = [], open(os.path.join(out, "bufs.bin"), "wb")
-send = RemoteSession._send
+encode = session_module.encode_frame
 
-def recording_send(self, header, bufs=()):
+# Every frame the session sends is encoded here (batches, requests), just before it is sent.
+def recording_encode(header, bufs=()):
     lengths = []
     for b in bufs:
         raw = memoryview(b).cast("B")
         blob.write(raw)
         lengths.append(len(raw))
     frames.append([json.dumps(header, separators=(",", ":")), lengths])
-    return send(self, header, bufs)
+    return encode(header, bufs)
 
-RemoteSession._send = recording_send
+session_module.encode_frame = recording_encode
 sess = remote.attach(address, fraction=1.0)
 torch.manual_seed(0)
 g = torch.Generator().manual_seed(1)
@@ -117,7 +118,7 @@ PHASES = [  # (phase, substrings of "file:function" that belong to it), first ma
     ),
     ("parse (messages)", ["messages.py"]),
     ("resolve", ["executor.py:__call__", "executor.py:_plan", "executor.py:plan"]),
-    ("decode args", ["values.py", "executor.py:tensor"]),
+    ("decode args", ["values.py", "executor.py:tensor", "executor.py:_fill", "_sig_kwargs"]),
     ("layout checks", ["layouts.py", "_ops.py:__hash__", "_ops.py:__eq__"]),
     (
         "store/account",
@@ -224,6 +225,8 @@ class Replayer:
             op = header["op"]
             if op == "batch":
                 msg = m.parse(header)
+                if getattr(msg, "sigs", None):  # as the worker defines them (agent/worker.py)
+                    ex.define_signatures(msg.sigs)
                 ex.run_batch(msg.ops, bufs, msg.free, self.interrupted)
             elif op == "call":
                 msg = m.parse(header)

@@ -14,7 +14,18 @@ import time
 import torch
 
 from ..layouts import CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
-from ..protocol.messages import Free, ProtocolError, parse_record
+from ..protocol.messages import (
+    HOLE_FLOAT,
+    HOLE_TENSOR,
+    SIG_DEF_SIZE_MAX,
+    SIG_SIZE_MAX,
+    Free,
+    ProtocolError,
+    is_id_list,
+    parse_record,
+    parse_sig_def,
+    template_size,
+)
 from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result
 
 # torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
@@ -113,6 +124,40 @@ class OpResolver:
         return op
 
 
+# Cells of a compiled signature template (see _Sig): a hole's index is into the use record.
+_C, _T, _F, _L, _LT = "const", "tensor", "float", "list", "tensors"
+
+
+class _Sig:
+    """One signature of the session's table, compiled once: the argument list to copy per use
+    (``proto``: constants decoded, ``None`` where a hole goes), the top-level tensor holes as
+    ``(position, record index)`` pairs (nearly every hole), and the rest (float holes, lists
+    with holes, keyword holes) as cells for the general filler."""
+
+    __slots__ = (
+        "name",
+        "plan",
+        "kernel",
+        "proto",
+        "tslots",
+        "other",
+        "kw",
+        "kwother",
+        "plain",
+        "nout",
+        "end",
+        "size",
+        "error",
+    )
+
+    def __init__(self, name, nholes, nout, size):
+        self.name, self.nout, self.size = name, nout, size
+        self.end = 1 + nholes + nout  # a use record's length without its free ids
+        self.plan = self.kernel = self.error = None
+        self.proto, self.tslots, self.other, self.kw, self.kwother = [], (), (), {}, ()
+        self.plain = False  # kernel(*args): no kwargs, no special handling
+
+
 class SessionExecutor:
     """Tensor table and op execution of one session, on one set of devices."""
 
@@ -141,6 +186,9 @@ class SessionExecutor:
         self._plans: dict[str, tuple] = {}  # op name -> (OpOverload, its kernel, kind)
         self.decode = ArgumentDecoder(self.tensors, self.tensor, devices)
         self.graphs = None  # this session's compiled graphs (agent/graphs.py), if enabled
+        # The signature table of the client's current connection (protocol/messages.py).
+        self.sigs: dict[int, _Sig] = {}
+        self._sig_size = 0
         # While swapped out: (host block, [(id, storage offset)], the device it came from).
         self._swapped: list = []
 
@@ -148,6 +196,8 @@ class SessionExecutor:
     def tensor(self, rid) -> torch.Tensor:
         t = self.tensors.get(rid) if type(rid) is int else None
         if t is None:
+            if type(rid) is not int:
+                raise ProtocolError(f"a tensor id must be an integer, got {str(rid)[:60]!r}")
             if rid in self.failed:
                 raise RuntimeError(
                     f"tensor {rid} was never produced: an earlier op failed or was "
@@ -180,6 +230,130 @@ class SessionExecutor:
         plan = (op, getattr(op, "_op", op), kind)
         self._plans[name] = plan
         return plan
+
+    # -- signatures -------------------------------------------------------------------
+    def reset_signatures(self) -> None:
+        """A new connection starts with an empty table (the client sends its definitions
+        again): nothing defined on an earlier connection can be named."""
+        self.sigs.clear()
+        self._sig_size = 0
+
+    def define_signatures(self, defs) -> None:
+        """Add a batch's ``SigDef`` records to the table, in order (before its ops run).
+
+        Broken bounds or numbering are a ``ProtocolError`` (the client and this table would
+        no longer agree); a definition whose op or constants are refused is kept, and each use
+        of it fails as that op would, so its outputs are known never to exist."""
+        if type(defs) is not list:
+            raise ProtocolError("sigs must be a list of signature definitions")
+        sigs = self.sigs
+        for raw in defs:
+            d = parse_sig_def(raw)
+            if d.n == 0:
+                sigs.clear()
+                self._sig_size = 0
+            elif d.n != len(sigs):
+                raise ProtocolError(
+                    f"signature {d.n} defined out of order: this connection's table holds "
+                    f"{len(sigs)} (definitions are numbered 0, 1, 2, ...; 0 starts afresh)"
+                )
+            size = template_size(d.args) + template_size(d.kwargs)
+            if size > SIG_DEF_SIZE_MAX:
+                raise ProtocolError(
+                    f"signature {d.n} has {size} template values; at most {SIG_DEF_SIZE_MAX}"
+                )
+            if self._sig_size + size > SIG_SIZE_MAX:
+                raise ProtocolError(
+                    f"the signature table is full ({SIG_SIZE_MAX} template values): the "
+                    "client must start it afresh (a definition numbered 0)"
+                )
+            sigs[d.n] = self._compile_sig(d, size)
+            self._sig_size += size
+
+    def _compile_sig(self, d, size) -> _Sig:
+        # holes: the next hole's index in a use record (0 is the signature id); then the
+        # constants that did not decode (a device the session lacks): the op's own error.
+        holes = [1]
+        args = [self._cell(v, holes) for v in d.args]
+        kwargs = {k: self._cell(v, holes) for k, v in d.kwargs.items()}
+        sg = _Sig(d.name, holes[0] - 1, d.out, size)
+        try:
+            if len(holes) > 1:
+                raise holes[1]
+            sg.plan = self._plans.get(d.name) or self._plan(d.name)
+        except Exception as e:  # each use fails as the same Run record would
+            sg.error = e
+            return sg
+        sg.kernel = sg.plan[1]
+        sg.proto = [c[1] if c[0] is _C else None for c in args]
+        sg.tslots = tuple((p, c[1]) for p, c in enumerate(args) if c[0] is _T)
+        sg.other = tuple((p, c) for p, c in enumerate(args) if c[0] is not _C and c[0] is not _T)
+        sg.kw = {k: c[1] for k, c in kwargs.items() if c[0] is _C}
+        sg.kwother = tuple((k, c) for k, c in kwargs.items() if c[0] is not _C)
+        sg.plain = sg.plan[2] is None and not kwargs
+        return sg
+
+    def _cell(self, v, holes) -> tuple:
+        """A template value as a cell: a decoded constant, a hole (its record index), or a list
+        of cells (one of tensor holes only, as foreach ops and cat take, is a slice).
+
+        What would leave the hole count in doubt is a ``ProtocolError`` for the whole table."""
+        t = type(v)
+        if t is dict:
+            if "hole" in v:
+                if v == HOLE_TENSOR or v == HOLE_FLOAT:
+                    holes[0] += 1
+                    return (_T if v["hole"] == "t" else _F, holes[0] - 1)
+                raise ProtocolError(f"unknown hole {str(v)[:60]} in a signature")
+            if "t" in v or "cpu" in v:
+                raise ProtocolError(
+                    "a signature holds no tensor ids or buffers: its tensors are holes"
+                )
+            try:
+                return (_C, self.decode(v, (), 0))
+            except ProtocolError as e:
+                holes.append(e)
+                return (_C, None)
+        if t is list:
+            cells = [self._cell(x, holes) for x in v]
+            if all(c[0] is _C for c in cells):
+                return (_C, [c[1] for c in cells])
+            if all(c[0] is _T for c in cells):
+                return (_LT, cells[0][1], cells[-1][1] + 1)
+            return (_L, cells)
+        if t is int or t is float or t is bool or t is str or v is None:
+            return (_C, v)
+        raise ProtocolError(f"unexpected value of type {t.__name__} in a signature")
+
+    def _fill(self, cell, rec):
+        """The value of a non-constant cell for use record ``rec``."""
+        kind = cell[0]
+        if kind is _T:
+            rid = rec[cell[1]]
+            x = self.tensors.get(rid) if type(rid) is int else None
+            return x if x is not None else self.tensor(rid)
+        if kind is _LT:
+            ids = rec[cell[1] : cell[2]]
+            if is_id_list(ids):
+                try:
+                    return [self.tensors[r] for r in ids]
+                except KeyError:
+                    pass
+            return [self.tensor(r) for r in ids]  # raises, naming the id
+        if kind is _F:
+            v = rec[cell[1]]
+            if type(v) is float or type(v) is int:
+                return v
+            raise ProtocolError(f"a float hole got {str(v)[:60]!r}")
+        if kind is _L:
+            return [c[1] if c[0] is _C else self._fill(c, rec) for c in cell[1]]
+        return cell[1]
+
+    def _sig_kwargs(self, sg, rec) -> dict:
+        k = dict(sg.kw)  # a copy: the upload plan may add non_blocking to it
+        for key, c in sg.kwother:
+            k[key] = self._fill(c, rec)
+        return k
 
     def run(self, name, args, kwargs, bufs, base=0):
         try:
@@ -238,12 +412,66 @@ class SessionExecutor:
         ``interrupted()`` is polled every few ops: once it says so, the rest is skipped (their
         outputs are never produced) so that an interrupt stops queued work promptly.
 
-        The loop is ``run`` and ``_store`` inlined for the common op (a name resolved before,
-        one new tensor out, and on a CUDA agent no byte accounting): this is paid per op."""
+        The loop is ``run`` and ``_store`` inlined for the common op (a ``SigUse`` record, one
+        new tensor out, and on a CUDA agent no byte accounting): this is paid per op."""
         self.cancelled = False
-        plans, tensors, failed = self._plans, self.tensors, self.failed
+        plans, tensors, failed, sigs = self._plans, self.tensors, self.failed, self.sigs
         decode_args, cuda, accounting = self.decode.args, self.cuda, self.accounting
         for i, raw in enumerate(ops):
+            if type(raw) is list and raw and type(raw[0]) is int:  # a SigUse
+                sg = sigs.get(raw[0])
+                if sg is None:
+                    raise ProtocolError(
+                        f"unknown signature {raw[0]!r}: not defined on this connection"
+                    )
+                end = sg.end
+                if len(raw) != end:
+                    if len(raw) < end:
+                        raise ProtocolError(
+                            f"signature {raw[0]} ({sg.name}) takes {end - 1 - sg.nout} holes "
+                            f"and {sg.nout} output ids; the record has {len(raw) - 1} values"
+                        )
+                    freed = raw[end:]
+                    if not is_id_list(freed):
+                        raise ProtocolError(f"free ids must be integers, got {str(freed)[:60]}")
+                    self.free(freed)  # dropped before this op: their memory is reused now
+                if self.cancelled or (i % 8 == 0 and interrupted()):
+                    self.cancelled = True
+                    self._fail(raw[end - sg.nout : end])
+                    continue
+                if cuda and i % RUN_AHEAD_EVERY == RUN_AHEAD_EVERY - 1:
+                    self._bound_run_ahead()
+                try:
+                    if sg.error is not None:
+                        raise sg.error.with_traceback(None)
+                    a = sg.proto.copy()
+                    for p, j in sg.tslots:
+                        rid = raw[j]
+                        x = tensors.get(rid) if type(rid) is int else None
+                        a[p] = x if x is not None else self.tensor(rid)
+                    for p, c in sg.other:
+                        a[p] = self._fill(c, raw)
+                    if sg.plain:
+                        result = sg.kernel(*a)
+                    else:
+                        result = self._call(sg.plan, a, self._sig_kwargs(sg, raw))
+                except Exception as e:
+                    self._fail(raw[end - sg.nout : end])
+                    if self.error is None:
+                        self.error = error_payload(self._op_error(sg.name, e), deferred=True)
+                    continue
+                if not accounting and sg.nout == 1 and type(result) is torch.Tensor:
+                    rid = raw[end - 1]
+                    if type(rid) is int and rid > 0 and rid not in tensors and rid not in failed:
+                        tensors[rid] = result
+                        continue
+                try:
+                    self._store(result, raw[end - sg.nout : end], sg.name)
+                except Exception as e:
+                    self._fail(raw[end - sg.nout : end])
+                    if self.error is None:
+                        self.error = error_payload(e, deferred=True)
+                continue
             rec = parse_record(raw)
             if type(rec) is not list:
                 if type(rec) is Free:
@@ -288,7 +516,8 @@ class SessionExecutor:
                 self._fail(outs)
                 if self.error is None:
                     self.error = error_payload(e, deferred=True)
-        self.free(free)
+        if free:
+            self.free(free)
 
     def _run_graph(self, rec) -> None:
         handle, in_ids, out_ids = rec

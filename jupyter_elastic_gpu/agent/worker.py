@@ -207,6 +207,8 @@ class Worker:
                 self.client.close()
             self.close_bulk()
             self.client = conn
+            # Signatures belong to a connection; the client sends its own again on this one.
+            self.executor.reset_signatures()
             self.reader = FrameReader(conn, self.receive_buffer)
             self.bulk, self.bulk_conn = BulkStreams("bulk"), secrets.token_urlsafe(12)
             self.sel.register(self.client, selectors.EVENT_READ, "client")
@@ -343,11 +345,13 @@ class Worker:
         self.notify(
             event="attached", user=self.user, fraction=self.fraction, in_use=self.executor.in_use
         )
+        # "signatures": this agent reads SigDef/SigUse records (an older one takes only Runs).
         self.reply(
             {
                 "ok": True,
                 "device": self.device_info(),
                 "swap_in": self.last_swap_in,
+                "signatures": True,
                 # Bulk streams may join this connection (protocol/bulk.py) naming this nonce.
                 "bulk_offer": {"conn": self.bulk_conn, "max": m.MAX_BULK_STREAMS},
             }
@@ -435,6 +439,11 @@ class Worker:
 
     def handle(self, msg: m.Message, bufs) -> None:
         kind = type(msg)
+        if kind is m.Batch and msg.sigs:
+            # The table is the connection's, not the lease's: a batch refused below (its lease
+            # ran out) still defines its signatures, as the client counts them sent. Defining
+            # resolves names and decodes constants; nothing runs.
+            self.executor.define_signatures(msg.sigs)
         if kind not in self.NEED_NO_LEASE:
             self.check_lease()
             if self.executor.error is not None and kind not in self.REPORT_LATER:

@@ -5,7 +5,8 @@ is one frozen dataclass below, and ``parse`` is the one validator both of the ag
 (its main process for a connection's first frame, a session's worker for the rest) call before
 dispatching on the parsed type. Field types are checked exactly (``True`` is no int, ``"0"`` is
 no index), so a handler gets only the shapes it was declared to take. Fields a peer adds that
-are not declared are ignored, as in Jupyter's message spec, so old agents accept new clients.
+are not declared are ignored, as in Jupyter's message spec, so old agents accept new clients
+(which send signature records only to an agent whose hello reply says it reads them).
 
 Op arguments inside ``call`` and ``batch`` are values of ``values.py``'s tagged schema; their
 tensors travel as the frame's raw buffers. Replies are ``{"ok": true, ...}``, an
@@ -79,6 +80,9 @@ def _int_list(v) -> bool:
             return False
     return True
 
+
+# The executor checks a use record's output and free ids with it, as parse_record does here.
+is_id_list = _int_list
 
 _CHECKS: dict[Any, tuple] = {
     str: (lambda v: type(v) is str, "a string"),
@@ -199,11 +203,14 @@ class Renew(Message):
 
 @message(Op.BATCH, no_reply=True)
 class Batch(Message):
-    """Queued ops (``Run`` and ``Free`` records, in stream order), run without a reply."""
+    """Queued ops (``SigUse``, ``Run``, ``Free`` and ``RunGraph`` records, in stream order), run
+    without a reply. ``sigs``: the ``SigDef`` records the session's signature table gains
+    before these ops run; ``free``: ids dropped after the last op."""
 
     ops: list
     free: list[int] = dataclasses.field(default_factory=list)
     epoch: int = 0
+    sigs: list = dataclasses.field(default_factory=list)
 
 
 @message(Op.DETACH)
@@ -366,7 +373,9 @@ class Run(NamedTuple):
     """Run op ``name`` on ``args``/``kwargs``; its output tensors get the ids ``out`` (0: an
     output that is one of its inputs); ``{"cpu": k}`` arguments are buffer ``buf + k``.
 
-    On the wire a JSON array of these five fields (the per-op hot path: no keys)."""
+    On the wire a JSON array of these five fields. The client sends this self-contained form
+    only for ops that upload CPU tensors or whose template is too large for a signature;
+    every other op is a ``SigUse``."""
 
     name: str
     args: list
@@ -398,11 +407,114 @@ class RunGraph(NamedTuple):
         return {"graph": self.handle, "in": self.inputs, "out": self.out}
 
 
+# -- signatures: an op's arguments declared once per connection, then only what changes ------
+#
+# Most ops of a training step repeat: the same op on tensors of the same metadata with the
+# same constants, only the tensor ids (and a learning rate) differ. The client declares such a
+# *signature* once (``SigDef``: the op and its arguments with holes where the values change)
+# and then sends each op as ``[n, holes..., out ids..., freed ids...]`` (``SigUse``): about a
+# third of a ``Run`` record's bytes, and the agent resolves the op, checks the constants and
+# lays out the argument list once per signature instead of once per op.
+#
+# The table belongs to one data connection of one session: both ends start it empty on each
+# new connection (a reconnect, a new worker) and the client then sends its definitions again,
+# so nothing can name another session's or an earlier connection's signatures. Definitions are
+# numbered 0, 1, 2, ... in the order sent; one numbered 0 starts the table afresh, which is how
+# the client stays within ``SIG_MAX`` signatures and ``SIG_SIZE_MAX`` template values.
+
+SIG_MAX = 1 << 16  # signatures in one table
+SIG_SIZE_MAX = 1 << 21  # template values (``template_size``) in one table, all signatures
+SIG_DEF_SIZE_MAX = 1 << 14  # template values of one signature (larger ones go as ``Run``)
+SIG_DEPTH_MAX = 6  # lists in lists of a template (aten arguments nest two deep at most)
+# Holes of a template: a tensor of the session (its id in the use record) or a float (a
+# number in the use record: learning rates change every step). Everything else in a template
+# is a constant, decoded once.
+HOLE_TENSOR = {"hole": "t"}
+HOLE_FLOAT = {"hole": "f"}
+
+
+class SigDef(NamedTuple):
+    """Signature ``n``: op ``name`` on ``args``/``kwargs`` (values of ``values.py``'s schema,
+    plus ``HOLE_TENSOR``/``HOLE_FLOAT``; no tensor ids and no buffers), producing ``out``
+    output ids. Its holes are numbered in the order they appear: ``args`` depth first, then
+    ``kwargs`` in their order. On the wire ``{"sig": n, "name", "args", "kwargs", "out"}``,
+    in a batch's ``sigs``."""
+
+    n: int
+    name: str
+    args: list
+    kwargs: dict
+    out: int
+
+    def wire(self) -> dict:
+        return {
+            "sig": self.n,
+            "name": self.name,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "out": self.out,
+        }
+
+
+class SigUse(NamedTuple):
+    """Run signature ``n`` with its holes filled by ``holes`` in order; its output tensors get
+    the ids ``out`` (0: an output that is one of its inputs); ``free``: ids the client dropped
+    before this op, freed before it runs (in stream order, so memory is reused within a batch
+    as on a GPU). On the wire one flat JSON array ``[n, *holes, *out, *free]``: its length
+    tells the free ids from the rest, since the signature fixes how many holes and outputs
+    there are. The executor reads it in place (``SessionExecutor.run_batch``); this type
+    names its parts for tests and documentation."""
+
+    n: int
+    holes: list
+    out: list
+    free: list
+
+    def wire(self) -> list:
+        return [self.n, *self.holes, *self.out, *self.free]
+
+
+def template_size(v, depth: int = 0) -> int:
+    """How many values a template holds (a list or object counts one, plus its contents; a
+    string one per 16 characters begun): what the table's bounds are counted in, by both ends
+    alike, so that a table's memory is bounded however its frames are filled."""
+    t = type(v)
+    if t is list or t is dict:
+        if depth > SIG_DEPTH_MAX:
+            raise ProtocolError(f"a signature template nests deeper than {SIG_DEPTH_MAX} lists")
+        n = 1
+        for x in v if t is list else v.values():
+            n += template_size(x, depth + 1)
+        return n
+    if t is str:
+        return 1 + len(v) // 16
+    return 1
+
+
+_SIG_SHAPE = '{"sig": n, "name", "args", "kwargs", "out"}'
+
+
+def parse_sig_def(rec) -> SigDef:
+    """A ``SigDef`` from the wire, its fields' types checked (and its size: see
+    ``template_size``); the name and template values are the executor's to judge."""
+    if type(rec) is not dict or rec.keys() != {"sig", "name", "args", "kwargs", "out"}:
+        raise ProtocolError(f"a signature must be {_SIG_SHAPE}, got {_show(rec)}")
+    n, name, args, kwargs, out = (rec[k] for k in ("sig", "name", "args", "kwargs", "out"))
+    if type(n) is not int or not 0 <= n < SIG_MAX:
+        raise ProtocolError(f"signature id {_show(n)} is outside 0..{SIG_MAX - 1}")
+    if type(name) is not str or type(args) is not list or type(kwargs) is not dict:
+        raise ProtocolError("a signature needs a name, an argument list and an object")
+    if type(out) is not int or not 0 <= out <= SIG_DEF_SIZE_MAX:
+        raise ProtocolError(f"a signature's output count must be a small int, got {_show(out)}")
+    return SigDef(n, name, args, kwargs, out)
+
+
 def parse_record(rec) -> list | Free | RunGraph:
     """One record of a batch's ``ops``: a ``Free``, or a ``Run``'s five fields as the list
     received (not copied into a ``Run``: this is paid for every op the agent runs). The fields'
     types are checked; their values are the executor's to judge (unknown op names, ids of
-    other sessions)."""
+    other sessions). ``SigUse`` records (a list led by an int) are read by the executor
+    against its signature table, which only it holds."""
     t = type(rec)
     if t is list and len(rec) == 5:
         _, args, kwargs, out, buf = rec
@@ -421,7 +533,8 @@ def parse_record(rec) -> list | Free | RunGraph:
             raise ProtocolError(f"a graph record needs a handle and id lists, got {_show(rec)}")
         return RunGraph(rec["graph"], rec["in"], rec["out"])
     raise ProtocolError(
-        'each op must be [name, args, kwargs, out_ids, buffer_base] or {"free": ids}, '
+        "each op must be [signature, holes..., out_ids..., free_ids...], "
+        '[name, args, kwargs, out_ids, buffer_base], {"free": ids} or a graph record, '
         f"got {_show(rec)}"
     )
 

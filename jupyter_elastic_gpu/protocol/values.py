@@ -12,6 +12,8 @@ tag key from the schema below (no guessing from what keys happen to be there):
     {"dt": "float32"}   dtype       {"dev": "cuda"|"cpu", "i": n}  device (n: the session's nth)
     {"mf": name}  memory format     {"ly": "strided"}  layout      {"c": [re, im]}  complex
     {"tuple": [...]}                a tuple result (lists are lists)
+    {"hole": "t"}  {"hole": "f"}    in a signature's template only (``messages.SigDef``): a
+                                    tensor, a float, whose values each use record carries
 
 The client's encoder and result decoder and the agent's argument decoder and result encoder
 all live here, so the schema changes in one place. Only processes that hold tensors import
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .messages import ProtocolError
+from .messages import HOLE_FLOAT, HOLE_TENSOR, ProtocolError
 
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
@@ -194,6 +196,72 @@ def argument_encoder(remote_type: type, remote_ref, float_key=None):
         )
 
     return encode
+
+
+# What a ``float_key`` answers for a float whose value leaves the output metadata alone.
+ANY_FLOAT = (float,)
+
+
+def signature_encoder(remote_type: type, remote_ref, float_key=None):
+    """The client's per-op pass for signature records: appends the meta-inference cache key's
+    parts to ``sig``, the values of the template's holes to ``holes`` (tensor ids and every
+    float) and CPU tensors to ``bufs`` as they are (an op with any goes as a ``Run``, encoded
+    again by ``argument_encoder``). ``float_key(v)``, if given, is what a float stands for in
+    the key (else its type and value).
+
+    Floats are always holes: a key that stands for many values (``float_key``), or for
+    ``0.0`` and ``-0.0`` at once, must not bake one of them into the template."""
+
+    def encode(v, sig, holes, bufs, inputs):
+        t = type(v)
+        if t is remote_type or isinstance(v, remote_type):
+            holes.append(remote_ref(v, sig, inputs))
+        elif t is float:
+            sig.append(float_key(v) if float_key is not None else (t, v))
+            holes.append(v)
+        elif t in _SCALARS:
+            sig.append((t, v))
+        elif t is list or t is tuple or t is torch.Size:
+            sig.append(len(v))
+            for x in v:  # tensor lists (foreach ops, cat) are the long ones: tensors inline
+                if type(x) is remote_type:
+                    holes.append(remote_ref(x, sig, inputs))
+                else:
+                    encode(x, sig, holes, bufs, inputs)
+        elif isinstance(v, torch.Tensor):
+            if v.device.type != "cpu":
+                raise RuntimeError(f"cannot mix tensors on {v.device} with remote GPU tensors")
+            sig.append(("cpu", v.dtype, v.shape, v.stride()))
+            bufs.append(v)
+        elif t is torch.layout and v is not torch.strided:
+            raise NotImplementedError(f"layout {v} is not supported on the remote GPU")
+        elif t is torch.dtype or t is torch.device or t is torch.memory_format or t is torch.layout:
+            sig.append(v)
+        elif t is complex:
+            sig.append((t, repr(v)))  # a constant: -0.0 and 0.0 parts must differ in the key
+        else:
+            argument_encoder(remote_type, remote_ref)(v, sig, bufs, inputs)  # raises, saying why
+
+    return encode
+
+
+def signature_template(remote_type: type):
+    """An argument as a signature template (``messages.SigDef``): ``HOLE_TENSOR`` and
+    ``HOLE_FLOAT`` where ``signature_encoder`` takes a hole, in the same order, and
+    ``argument_encoder``'s wire form elsewhere. Made once per signature."""
+    constant = argument_encoder(remote_type, lambda v, sig, inputs: None)
+
+    def template(v):
+        t = type(v)
+        if t is remote_type or isinstance(v, remote_type):
+            return HOLE_TENSOR
+        if t is float:
+            return HOLE_FLOAT
+        if t is list or t is tuple or t is torch.Size:
+            return [template(x) for x in v]
+        return constant(v, [], [], [])
+
+    return template
 
 
 def decode_result(v, inputs: dict, make_tensor):

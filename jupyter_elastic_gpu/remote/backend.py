@@ -19,7 +19,12 @@ import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
 from ..layouts import CONVOLUTIONS, conform
-from ..protocol.values import argument_encoder
+from ..protocol.values import (
+    ANY_FLOAT,
+    argument_encoder,
+    signature_encoder,
+    signature_template,
+)
 
 BACKEND = "egpu"
 
@@ -174,10 +179,13 @@ def _index_lists_to_tensors(index, device):
 
 
 # ---------------------------------------------------------------------------------------
-# The per-op hot path. One pass over the arguments builds the wire form, the meta-inference
-# cache key and the list of CPU buffers to upload; a cache hit then needs no meta tensors.
-# A wrapper's metadata enters the key as one small int (``_key``, interned when the wrapper is
-# made), not as the shape, strides, offset and dtype read back from C++ for every op.
+# The per-op hot path. One pass over the arguments builds the meta-inference cache key, the
+# values of the op's signature holes (tensor ids, varying floats) and the list of CPU buffers
+# to upload; a cache hit then needs no meta tensors, and the cache entry also names the wire
+# signature (protocol/messages.py: ``SigDef``/``SigUse``) that the key stands for: the key
+# fixes everything but the holes, so a key is one signature. A wrapper's metadata enters the
+# key as one small int (``_key``, interned when the wrapper is made), not as the shape,
+# strides, offset and dtype read back from C++ for every op.
 
 _META_KEYS: dict = {}
 # Never reused, so the intern table may be cleared; negative, so a key never reads as one of
@@ -233,7 +241,8 @@ class _Op:
     def __init__(self, func):
         self.name = f"{func._schema.name}.{func._overloadname}"
         self.special = SPECIAL.get(func)
-        self.cache = {}  # argument signature -> output spec (or _SYNC)
+        # argument key -> [output spec (or _SYNC), wire signature id, the table it is in]
+        self.cache = {}
         # Float scalars change no output metadata of elementwise and foreach ops (only their
         # kind takes part in type promotion), yet optimizers pass new ones every step (lr
         # schedules, bias corrections): keying them by value would miss the cache every step.
@@ -256,7 +265,7 @@ def _float_key(v):
     return _FLOAT if -128.0 <= v <= 127.0 else (float, v)
 
 
-_FLOAT = (float,)
+_FLOAT = ANY_FLOAT
 
 
 def _remote_ref(v, sig, inputs):
@@ -271,7 +280,38 @@ def _remote_ref(v, sig, inputs):
 
 
 _encode = argument_encoder(RemoteTensor, _remote_ref)
-_encode_scalar_free = argument_encoder(RemoteTensor, _remote_ref, _float_key)
+_holes = signature_encoder(RemoteTensor, _remote_ref)
+_holes_scalar_free = signature_encoder(RemoteTensor, _remote_ref, _float_key)
+_template = signature_template(RemoteTensor)
+_UNSIGNED = object()  # a cache entry's table when its template is too large for a signature
+
+
+def _wire_args(args, kwargs):
+    """The self-contained ``Run`` form of an op's arguments, and its CPU buffers (uploads,
+    sync calls and templates too large for a signature)."""
+    sig, bufs, inputs = [], [], []  # the key was made already, by _holes
+    eargs = [_encode(v, sig, bufs, inputs) for v in args]
+    ekwargs = {k: _encode(v, sig, bufs, inputs) for k, v in kwargs.items()} if kwargs else {}
+    return eargs, ekwargs, bufs
+
+
+def _define(sess, entry, op, args, kwargs, nout) -> bool:
+    """Give cache ``entry`` a signature in ``sess``'s current table; False: none fits, or the
+    agent reads no signatures."""
+    if entry[2] is _UNSIGNED:
+        return False
+    if not sess.attached:
+        sess.attach()  # its hello reply tells whether this agent reads signatures
+    if not sess.signatures:
+        return False
+    got = sess.define_signature(
+        op.name, [_template(v) for v in args], {k: _template(v) for k, v in kwargs.items()}, nout
+    )
+    if got is None:
+        entry[2] = _UNSIGNED
+        return False
+    entry[1], entry[2] = got
+    return True
 
 
 def _to_meta(v, metas):
@@ -382,29 +422,28 @@ def _forward(func, args, kwargs, op=None):
     sig = [len(args)]
     bufs = []
     inputs = []  # remote tensor arguments in order, for ops that return one of them
-    # ``_encode`` of the positional arguments (same wire form, same key), with remote tensors
-    # and plain scalars inline: they are nearly all arguments of nearly all ops.
-    eargs = []
+    # The use record (messages.SigUse): the signature id goes first, once the key has found it.
+    rec = [0]
+    # ``_holes`` of the positional arguments (same holes, same key), with remote tensors and
+    # plain scalars inline: they are nearly all arguments of nearly all ops.
     for v in args:
         t = type(v)
         if t is RemoteTensor and v._sess is sess:
             sig.append(v._key)
             inputs.append(v)
-            eargs.append({"t": v._rid})
-        elif t is float:
-            sig.append(_float_key(v) if scalar_free else (t, v))
-            eargs.append(v)
+            rec.append(v._rid)
+        elif t is float:  # always a hole (see signature_encoder)
+            sig.append(_FLOAT if scalar_free and -128.0 <= v <= 127.0 else (t, v))  # _float_key
+            rec.append(v)
         elif t is int or t is bool or v is None:
             sig.append((t, v))
-            eargs.append(v)
         else:
-            eargs.append((_encode_scalar_free if scalar_free else _encode)(v, sig, bufs, inputs))
+            (_holes_scalar_free if scalar_free else _holes)(v, sig, rec, bufs, inputs)
     if kwargs:
-        enc = _encode_scalar_free if scalar_free else _encode
-        ekwargs = {k: enc(v, sig, bufs, inputs) for k, v in kwargs.items()}
+        enc = _holes_scalar_free if scalar_free else _holes
+        for v in kwargs.values():
+            enc(v, sig, rec, bufs, inputs)
         sig.append(tuple(kwargs))
-    else:
-        ekwargs = {}
     if bufs and func not in _CPU_TENSOR_ARGS_OK and any(b.dim() for b in bufs):
         raise RuntimeError(
             "Expected all tensors to be on the same device, but found at least two "
@@ -412,16 +451,19 @@ def _forward(func, args, kwargs, op=None):
         )
     key = tuple(sig)
     cache = op.cache
-    spec = cache.get(key)
-    if spec is None:
-        spec = _infer(func, args, kwargs, inputs)
+    # [output spec, signature id, the session table that id is in (or _UNSIGNED)]
+    entry = cache.get(key)
+    if entry is None:
+        entry = [_infer(func, args, kwargs, inputs), 0, None]
         # A scalar-free key stands for many scalar values; one that fails to infer may be the
         # odd value out (an overflow), so it is not held against the others.
-        if spec is not _SYNC or not scalar_free:
+        if entry[0] is not _SYNC or not scalar_free:
             if len(cache) > _CACHE_MAX:
                 cache.clear()
-            cache[key] = spec
+            cache[key] = entry
+    spec = entry[0]
     if spec is _SYNC:
+        eargs, ekwargs, bufs = _wire_args(args, kwargs)
         return sess.call(func, eargs, ekwargs, bufs, inputs)
     # Outputs live where the op runs: an explicit device argument, else its first input's GPU.
     if kwargs:
@@ -442,7 +484,13 @@ def _forward(func, args, kwargs, op=None):
     else:
         ids = []
         out = _build(spec, inputs, ids, sess, idx)
-    sess.enqueue(op.name, eargs, ekwargs, ids, bufs)
+    if entry[2] is not sess.sigs and (bufs or not _define(sess, entry, op, args, kwargs, len(ids))):
+        eargs, ekwargs, bufs = _wire_args(args, kwargs)
+        sess.enqueue(op.name, eargs, ekwargs, ids, bufs)
+        return out
+    rec[0] = entry[1]
+    rec += ids
+    sess.enqueue_sig(rec)
     return out
 
 

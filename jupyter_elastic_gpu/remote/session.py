@@ -120,6 +120,12 @@ class RemoteSession:
         self.devices: list = []  # egpu:0..n-1, set by cuda_facade.install once the backend exists
         self.info: dict = {}
         self.freed: list[int] = []
+        # The signature table (messages.SigDef wire records, id = index): a new list object
+        # whenever it starts afresh, so cache entries can tell which table their id is in.
+        self.sigs: list[dict] = []
+        self._sig_size = 0
+        self._sig_sent = 0  # how many of them this connection's agent has been sent
+        self.signatures = False  # whether the agent reads them (its hello reply says)
         self.attached = False
         self.address = None
         self.sock: socket.socket | None = None
@@ -154,8 +160,47 @@ class RemoteSession:
         self._next_id += 1
         return self._next_id
 
+    def define_signature(self, name, args, kwargs, nout) -> tuple[int, list] | None:
+        """Add a signature (op ``name``, templates ``args``/``kwargs``, ``nout`` output ids) to
+        the table: its id and the table, or None if its template is too large for one. The
+        definition goes out at the head of the next batch."""
+        try:
+            size = m.template_size(args) + m.template_size(kwargs)
+        except m.ProtocolError:  # nested deeper than any aten argument
+            return None
+        if size > m.SIG_DEF_SIZE_MAX:
+            return None
+        with self._lock:
+            if len(self.sigs) >= m.SIG_MAX or self._sig_size + size > m.SIG_SIZE_MAX:
+                # Start afresh (the next definition is 0), after the ops that use the old one.
+                # (Queued ops mean a lease: frees alone wait for the next op, as they would.)
+                if self._pending:
+                    self._flush()
+                self.sigs, self._sig_size, self._sig_sent = [], 0, 0
+            n = len(self.sigs)
+            self.sigs.append(m.SigDef(n, name, args, kwargs, nout).wire())
+            self._sig_size += size
+            return n, self.sigs
+
+    def enqueue_sig(self, rec: list) -> None:
+        """Queue a ``SigUse`` record, ``[signature, holes..., out ids...]``, built by the caller
+        as it goes on the wire (this runs once per op; the agent checks it against its table)."""
+        if not self.attached:
+            self.attach()
+        with self._lock:
+            if self.freed:
+                # Ids dropped since the last op ride on this one, freed before it runs: stream
+                # order, so memory is reused within a batch as on a GPU, without a record each.
+                freed, self.freed = self.freed, []
+                rec += freed
+            self._pending.append(rec)
+            self.stats["ops"] += 1
+            if len(self._pending) >= BATCH_MAX_OPS:
+                self._flush()
+
     def enqueue(self, name, eargs, ekwargs, ids, bufs) -> None:
-        """Queue op ``name`` (``aten::add.Tensor``: its wire name, which the caller keeps)."""
+        """Queue op ``name`` (``aten::add.Tensor``: its wire name, which the caller keeps) as a
+        self-contained ``Run`` record: an upload, or an op without a signature."""
         if not self.attached:
             self.attach()
         with self._lock:
@@ -163,8 +208,8 @@ class RemoteSession:
                 # Frees go in stream order, so memory is reused within a batch as on a GPU.
                 freed, self.freed = self.freed, []
                 self._pending.append({"free": freed})  # an m.Free record
-            # An m.Run record, built as the bare list it is on the wire: this runs once per op,
-            # and the agent validates every record it receives (messages.parse_record).
+            # An m.Run record, built as the bare list it is on the wire: the agent validates
+            # every record it receives (messages.parse_record).
             self._pending.append([name, eargs, ekwargs, ids, len(self._bufs)])
             self.stats["ops"] += 1
             send_now = False
@@ -187,7 +232,9 @@ class RemoteSession:
             self.freed.clear()
             return None
         freed, self.freed = self.freed, []
-        header = m.Batch(ops=self._pending, free=freed, epoch=self.epoch).header()
+        sigs = self.sigs[self._sig_sent :]  # defined since the last batch, used in this one
+        self._sig_sent = len(self.sigs)
+        header = m.Batch(ops=self._pending, free=freed, epoch=self.epoch, sigs=sigs).header()
         self.stats["batches"] += 1
         self.stats["bytes_up"] += self._buf_bytes
         bufs = [as_buffer(b) for b in self._bufs]
@@ -467,6 +514,11 @@ class RemoteSession:
                 self.lease_provider.release()
                 _raise_remote(reply["error"])
             self.info = reply["device"]
+            self.signatures = reply.get("signatures") is True
+            if not self.signatures and self.sigs:
+                # An agent that reads only Run records (an older one): ids of the table are
+                # no use there, and a fresh table sends every cache entry back to _define.
+                self.sigs, self._sig_size, self._sig_sent = [], 0, 0
             self._bulk_offer = reply.get("bulk_offer")
             self.attached = True
         for cb in self.on_attach:
@@ -489,6 +541,9 @@ class RemoteSession:
     def _hang_up(self) -> None:
         """Drop the data connection (the session stays on the agent for its grace period)."""
         sock, self.sock, self._reader, self._kept = self.sock, None, None, None
+        # The agent's table is this connection's: the next one is sent every signature again
+        # (queued records keep their ids, which stay valid).
+        self._sig_sent = 0
         streams, self._bulk, self._bulk_offer, self._bulk_off = self._bulk, None, None, False
         self._outgoing = []
         if streams is not None:
@@ -568,6 +623,7 @@ def _after_fork_in_child() -> None:
     sess._lock = threading.RLock()
     sess._pending, sess._bufs, sess._buf_bytes = [], [], 0
     sess.freed = []
+    sess.sigs, sess._sig_size, sess._sig_sent = [], 0, 0
     sess._owed_replies = 0
     sess._closed = True  # no flusher runs here, and nothing may reconnect
 

@@ -153,10 +153,11 @@ def test_ops_outside_the_allow_list_never_run(agent, tmp_path):
                 },
             )
             reply = request(s, {"op": "sync"})
+            # A record led by an int is a signature use (messages.SigUse): none is defined.
             assert reply["error"]["type"] in (
-                "PermissionError",
-                "NotImplementedError",
-                "OpError",
+                ("ProtocolError",)
+                if type(name) is int
+                else ("PermissionError", "NotImplementedError", "OpError")
             ), reply
             assert "Traceback" not in reply["error"]["message"]
         assert not marker.exists()
@@ -345,10 +346,168 @@ def test_an_open_mode_hello_asks_only_for_gpus_the_agent_has(agent):
         try:
             send_frame(
                 s,
-                {"op": "hello", "session": f"greedy-{fraction}", "secret": "x", "fraction": fraction},
+                {
+                    "op": "hello",
+                    "session": f"greedy-{fraction}",
+                    "secret": "x",
+                    "fraction": fraction,
+                },
             )
             reply, _ = recv_frame(s)
             assert words in reply["error"]["message"], reply
         finally:
             s.close()
     still_serving(agent.address)
+
+
+# -- signature records (protocol/messages.py SigDef / SigUse) ---------------------------------
+
+ONES = {
+    "sig": 0,
+    "name": "aten::ones.default",
+    "args": [[3]],
+    "kwargs": {"device": {"dev": "cuda", "i": 0}},
+    "out": 1,
+}
+NEG = {"sig": 1, "name": "aten::neg.default", "args": [{"hole": "t"}], "kwargs": {}, "out": 1}
+
+
+def sig_batch(sigs, ops):
+    return {"op": "batch", "sigs": sigs, "ops": ops, "free": []}
+
+
+def sync_error(s) -> str:
+    reply = request(s, {"op": "sync"})
+    assert "error" in reply and "Traceback" not in reply["error"]["message"], reply
+    return reply["error"]["message"]
+
+
+def fetched(s, rid) -> list:
+    send_frame(s, {"op": "fetch", "t": rid})
+    reply, bufs = recv_frame(s)
+    assert reply.get("ok"), reply
+    return torch.frombuffer(bytearray(bufs[0]), dtype=torch.float32).tolist()
+
+
+def test_signatures_belong_to_one_session_and_one_connection(agent):
+    a = open_session(agent.address, session="sig-alice", secret="a")
+    b = open_session(agent.address, session="sig-bob", secret="b")
+    try:
+        send_frame(a, sig_batch([ONES, NEG], [[0, 1], [1, 1, 2]]))
+        assert fetched(a, 2) == [-1.0] * 3
+        # Bob never defined them: alice's signatures name nothing in his session.
+        send_frame(b, sig_batch([], [[0, 5], [1, 1, 6]]))
+        assert "unknown signature 0" in sync_error(b)
+        # His own table is his: defining 0 there leaves alice's 0 alone, and his uses still
+        # reach only his tensors.
+        send_frame(b, sig_batch([{**NEG, "sig": 0}], [[0, 2, 3]]))
+        assert "unknown tensor id 2" in sync_error(b)
+        send_frame(a, sig_batch([], [[0, 3]]))
+        assert fetched(a, 3) == [1.0] * 3
+        # A new connection of alice's session starts with an empty table; her tensors stay.
+        a.close()
+        a = open_session(agent.address, session="sig-alice", secret="a")
+        send_frame(a, sig_batch([], [[1, 3, 4]]))
+        assert "unknown signature 1" in sync_error(a)
+        send_frame(a, sig_batch([ONES, NEG], [[1, 3, 4]]))  # sent again, as the client does
+        assert fetched(a, 4) == [-1.0] * 3
+    finally:
+        a.close()
+        b.close()
+    assert still_serving(agent.address)
+
+
+def test_malformed_signature_records_get_clear_errors(agent):
+    s = open_session(agent.address, session="sig-confused")
+    try:
+        send_frame(s, {"op": "batch", "sigs": {"sig": 0}, "ops": []})
+        assert "'sigs' must be a list" in sync_error(s)  # refused before it runs
+        for sigs, words in [
+            ([{**NEG, "sig": 5}], "out of order"),
+            ([{**NEG, "sig": 0, "args": [{"t": 1}]}], "no tensor ids"),
+            ([{**NEG, "sig": 0, "args": [{"hole": "pickle"}]}], "unknown hole"),
+            ([{**NEG, "sig": 0, "out": "1"}], "output count"),
+            ([{**NEG, "sig": 0, "name": ["aten::neg.default"]}], "needs a name"),
+            ([{**NEG, "sig": 0, "args": [[[[[[[[1]]]]]]]]}], "nests deeper"),
+            ([[0, "aten::neg.default", [], {}, 1]], "a signature must be"),
+        ]:
+            send_frame(s, sig_batch(sigs, []))
+            assert words in sync_error(s), sigs
+        send_frame(s, sig_batch([ONES, NEG], [[0, 1]]))
+        assert request(s, {"op": "sync"}).get("ok")
+        for ops, words in [
+            ([[1]], "takes 1 holes and 1 output ids"),
+            ([[2, 1, 2]], "unknown signature 2"),
+            ([[1, "1", 2]], "tensor id must be an integer"),
+            ([[1, 1.0, 2]], "tensor id must be an integer"),
+            ([[1, 1, 2, "3"]], "free ids must be integers"),
+            ([[1, 77, 2]], "unknown tensor id 77"),
+            ([[1, 1, -2]], "bad output id"),
+        ]:
+            send_frame(s, sig_batch([], ops))
+            assert words in sync_error(s), ops
+        assert fetched(s, 1) == [1.0] * 3  # nothing above touched the session's tensors
+    finally:
+        s.close()
+    assert still_serving(agent.address)
+
+
+def test_random_signature_uses_get_errors_and_never_end_the_session(agent):
+    import random
+
+    rng = random.Random(15)
+    junk = [0, 1, 2, -1, 1 << 62, 0.5, float("inf"), "x", None, True, [1], {"t": 1}, {}]
+    s = open_session(agent.address, session="sig-fuzz")
+    try:
+        send_frame(s, sig_batch([ONES, NEG], [[0, 1]]))
+        for _ in range(60):
+            rec = [rng.choice([0, 1, 2, -1])] + rng.choices(junk, k=rng.randrange(0, 5))
+            send_frame(s, sig_batch([], [rec]))
+            reply = request(s, {"op": "sync"})
+            assert reply.get("ok") or "Traceback" not in reply["error"]["message"], rec
+        send_frame(s, sig_batch([], [[0, 1000]]))  # the session and its table still work
+        assert fetched(s, 1000) == [1.0] * 3
+    finally:
+        s.close()
+    assert still_serving(agent.address)
+
+
+def test_a_huge_signature_table_is_refused_and_the_session_goes_on(agent):
+    from jupyter_elastic_gpu.protocol import messages as m
+
+    s = open_session(agent.address, session="sig-hoarder")
+    big = [0] * (m.SIG_DEF_SIZE_MAX - 3)  # the largest definition allowed
+    fits = m.SIG_SIZE_MAX // m.SIG_DEF_SIZE_MAX
+    try:
+        for first in range(0, fits, 16):
+            defs = [
+                {"sig": n, "name": "aten::zeros.default", "args": [big], "kwargs": {}, "out": 1}
+                for n in range(first, first + 16)
+            ]
+            send_frame(s, sig_batch(defs, []))
+        assert request(s, {"op": "sync"}).get("ok")
+        send_frame(s, sig_batch([{**NEG, "sig": fits}], []))
+        assert "table is full" in sync_error(s)
+        send_frame(s, sig_batch([{**NEG, "sig": 0, "args": [big + [0]]}], []))
+        assert "template values; at most" in sync_error(s)
+        send_frame(s, sig_batch([ONES], [[0, 1]]))  # a definition numbered 0 starts afresh
+        assert fetched(s, 1) == [1.0] * 3
+    finally:
+        s.close()
+    assert still_serving(agent.address)
+
+
+def test_a_batch_refused_for_want_of_a_lease_still_defines_its_signatures(agent):
+    # The client counts a batch's definitions as sent once the batch is; were they dropped with
+    # its ops, every later use of them would fail until the next connection.
+    s = open_session(agent.address, session="sig-detached")
+    try:
+        assert request(s, {"op": "detach"}).get("ok")
+        send_frame(s, sig_batch([ONES], [[0, 1]]))
+        hello = {"op": "hello", "session": "sig-detached", "secret": "s3cret", "token": None}
+        assert request(s, hello).get("ok")
+        assert "no GPU lease" in sync_error(s)  # the batch's ops were refused...
+        send_frame(s, sig_batch([], [[0, 2]]))  # ...its definition was not
+        assert fetched(s, 2) == [1.0] * 3
+    finally:
+        s.close()

@@ -230,14 +230,19 @@ def test_dropout_is_seeded_remotely(remote):
 
 def test_attention_ships_as_one_fused_op_each_way(remote):
     names = []
-    orig = remote.enqueue
+    orig, orig_sig = remote.enqueue, remote.enqueue_sig
     remote.enqueue = lambda name, *a: (names.append(name), orig(name, *a))[1]
+    # A signature record names its op through the session's table.
+    remote.enqueue_sig = lambda rec: (
+        names.append(remote.sigs[rec[0]]["name"]),
+        orig_sig(rec),
+    )[1]
     try:
         q = torch.randn(2, 4, 16, 32, device="cuda", requires_grad=True)
         F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
         torch.cuda.synchronize()
     finally:
-        remote.enqueue = orig
+        remote.enqueue, remote.enqueue_sig = orig, orig_sig
     attn = [n for n in names if "attention" in n]
     assert attn == [
         "aten::_scaled_dot_product_fused_attention_overrideable.default",
