@@ -319,9 +319,9 @@ class RemoteSession:
     def _send_frames(self, frames):
         transfers, self._outgoing = self._outgoing, []
         try:
-            if transfers and self._owed_replies:
-                # The worker may be sending an owed reply over the bulk streams: read it first,
-                # or both ends would wait on full sockets.
+            if self._owed_replies:
+                # The worker may be blocked sending a reply we owe (a large fetch that Ctrl-C
+                # abandoned): read it first, or both ends would wait on full sockets.
                 self._drain_owed()
             send_frames(self.sock, frames)
             if transfers:
@@ -359,10 +359,6 @@ class RemoteSession:
             self.attach()
         with self._lock:
             batch = self._batch_frame()
-            if self._owed_replies and batch is not None:
-                self._send_frames([batch])
-                batch = None
-            self._drain_owed()
             # The queued ops and the request that waits on them leave in one write.
             if bufs:
                 bufs = list(bufs)

@@ -221,3 +221,34 @@ def test_ctrl_c_while_a_reply_arrives_is_raised_once_it_is_whole_and_the_reply_s
         sess.close()
         a.close()
         b.close()
+
+
+def test_a_large_batch_after_an_abandoned_large_reply_does_not_deadlock():
+    """A Ctrl-C can leave a large reply owed (a fetch) while the worker is still writing it.
+    The next thing the client sends may be large too (a batch with an upload): it must read
+    the owed reply first, or both ends block on full socket buffers for ever."""
+    from jupyter_elastic_gpu.remote.session import DirectLease, RemoteSession
+
+    a, b = socket.socketpair()
+    a.settimeout(20)
+    b.settimeout(20)
+    sess = RemoteSession(DirectLease("127.0.0.1:1", 1.0))
+    sess.sock, sess._reader, sess._owed_replies = a, FrameReader(a, host_buffer), 1
+    got = []
+
+    def agent():  # writes the whole owed reply before it reads anything, as a worker does
+        send_frame(b, {"ok": True, "n": 1}, [bytes(16 << 20)])
+        got.append(recv_frame(b))
+
+    t = threading.Thread(target=agent, daemon=True)
+    t.start()
+    try:
+        sess._send_frames([encode_frame({"op": "batch", "ops": []}, [bytes(16 << 20)])])
+        t.join(20)
+        assert not t.is_alive() and got[0][0]["op"] == "batch" and len(got[0][1][0]) == 16 << 20
+        assert sess._owed_replies == 0
+    finally:
+        sess.sock = sess._reader = None
+        sess.close()
+        a.close()
+        b.close()
