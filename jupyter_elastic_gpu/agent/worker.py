@@ -497,6 +497,10 @@ class Worker:
 
     def _fetch(self, msg: m.Fetch, bufs):
         self.sync()
+        if msg.item:
+            t = self.executor.tensor(msg.t)
+            if t.numel() == 1 and not t.is_complex():
+                return (self.status(value=t.item()),)
         meta, raw = self.executor.fetch(msg.t)
         header, bufs = self.status(tensor=meta), [raw]
         if msg.streams and self.bulk is not None and raw.nbytes:

@@ -228,10 +228,16 @@ class Fetch(Message):
     """The bytes of tensor ``t`` (one buffer in the reply, described by its ``tensor``).
 
     ``streams``: the reply's bytes may come over this many of the session's bulk streams
-    (announced in the reply's ``bulk``, see ``parse_bulk``); absent, they come inline."""
+    (announced in the reply's ``bulk``, see ``parse_bulk``); absent, they come inline.
+
+    ``item``: ``t`` is a one-element real tensor and the client wants its value (``.item()``,
+    ``float(x)``, a data-dependent branch): answered ``{"ok", "value"}`` with no buffer, which
+    spares both ends a tensor round trip on the most frequent sync. An agent that ignores the
+    field answers with the tensor, which the client reads as before."""
 
     t: int
     streams: int | None = None
+    item: bool = False
 
 
 @message(Op.CALL)

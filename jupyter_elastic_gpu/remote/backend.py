@@ -539,7 +539,7 @@ def _copy_(func, args, kwargs):
 
 
 def _local_scalar_dense(func, args, kwargs):
-    return args[0]._sess.fetch(args[0]).item()
+    return args[0]._sess.item(args[0])
 
 
 def _is_pinned(func, args, kwargs):

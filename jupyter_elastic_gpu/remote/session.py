@@ -441,6 +441,15 @@ class RemoteSession:
         # Keep the remote layout (channels_last, transposes), as .cpu() of a CUDA tensor does.
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(local)
 
+    def item(self, x):
+        """``x.item()``: the value travels in the reply's header, not as a tensor."""
+        if x.numel() != 1 or x.is_complex():
+            return self.fetch(x).item()
+        reply, bufs = self.request({"op": m.Op.FETCH.value, "t": x._rid, "item": True})
+        if "value" in reply:
+            return reply["value"]
+        return tensor_from_buffer(reply["tensor"], bufs[0]).item()  # an agent without it
+
     def call(self, func, eargs, ekwargs, bufs, inputs):
         """Run an op on the agent now: its outputs' shapes or values depend on data."""
         header = m.Call(name=_op_name(func), args=eargs, kwargs=ekwargs).header()

@@ -303,6 +303,10 @@ def test_unknown_requests_and_bad_ids_get_clear_errors(agent):
     try:
         assert "unknown request" in request(s, {"op": "format_disk"})["error"]["message"]
         assert "unknown tensor id" in request(s, {"op": "fetch", "t": 99999})["error"]["message"]
+        reply = request(s, {"op": "fetch", "t": 99999, "item": True})
+        assert "unknown tensor id" in reply["error"]["message"]
+        reply = request(s, {"op": "fetch", "t": 1, "item": "yes"})
+        assert "'item' must be a boolean" in reply["error"]["message"]
         reply = request(s, {"op": "fetch", "t": "1; rm -rf /"})
         assert "'t' must be an integer" in reply["error"]["message"]
         reply = request(s, {"op": "manual_seed", "seed": "x"})

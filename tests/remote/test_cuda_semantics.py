@@ -56,6 +56,42 @@ def test_values_round_trip_exactly(remote):
     assert torch.tensor(3.5).cuda().item() == 3.5
 
 
+def test_item_gives_the_value_and_type_a_local_gpu_gives(remote, monkeypatch):
+    """``.item()`` (and ``float()``, ``int()``, ``bool()``, branches on a value) is the most
+    frequent sync: its value comes back in the reply's header, exactly, with CUDA's types."""
+    values = [
+        torch.tensor(0.1),
+        torch.tensor(1 / 3, dtype=torch.float64),
+        torch.tensor(-2.5e-3, dtype=torch.bfloat16),
+        torch.tensor(65504.0, dtype=torch.float16),
+        torch.tensor(2**62 + 1),
+        torch.tensor(-7, dtype=torch.int8),
+        torch.tensor(True),
+        torch.tensor(float("nan")),
+        torch.tensor(float("-inf")),
+        torch.tensor([[3.25]]),  # one element, any shape
+        torch.tensor(1 + 2j),  # complex: read as a tensor, as before
+    ]
+    for v in values:
+        got, want = v.cuda().item(), v.item()
+        assert type(got) is type(want) and (got == want or (got != got and want != want)), v
+    x = torch.arange(6.0, device="cuda")
+    assert (x[2] * 2).item() == 4.0 and int(x.sum()) == 15 and bool(x[1] > 0)
+    with pytest.raises(RuntimeError, match="cannot be converted to Scalar"):
+        x.item()
+    sent = []
+    request = remote.request
+    monkeypatch.setattr(remote, "request", lambda h, b=(): sent.append(h) or request(h, b))
+    assert x[5].item() == 5.0 and sent[-1]["item"] is True
+
+    # An agent that does not know ``item`` ignores it and answers with the tensor.
+    def old_agent(header, bufs=()):
+        return request({k: v for k, v in header.items() if k != "item"}, bufs)
+
+    monkeypatch.setattr(remote, "request", old_agent)
+    assert x[4].item() == 4.0 and bool(x[0] == 0)
+
+
 def test_an_upload_copies_the_cpu_tensor_as_it_was_when_the_op_ran(remote):
     """A copy to the GPU takes the data of that moment, as from pageable memory on CUDA: a
     buffer the program refills right after (a staging tensor, a reused batch) must not leak
