@@ -401,6 +401,10 @@ class Worker:
     def on_client(self):
         try:
             header, bufs = self.reader.recv()
+            if "bulk" in header:  # payloads that come over the bulk streams: whole, or hang up
+                if self.bulk is None:
+                    raise ProtocolError("bulk transfers announced, but no bulk stream is open")
+                self.bulk.receive(header, bufs, self.receive_buffer)
         except ProtocolError as e:
             # The stream cannot be trusted after a bad frame: say why, then hang up.
             self.reply(m.error_reply("ProtocolError", str(e)))
@@ -409,18 +413,6 @@ class Worker:
         except (OSError, ConnectionError):
             self.drop_client()
             return
-        if "bulk" in header:  # payloads that come over the bulk streams: whole, or hang up
-            try:
-                if self.bulk is None:
-                    raise ProtocolError("bulk transfers announced, but no bulk stream is open")
-                self.bulk.receive(header, bufs, self.receive_buffer)
-            except ProtocolError as e:
-                self.reply(m.error_reply("ProtocolError", str(e)))
-                self.drop_client()
-                return
-            except (OSError, ConnectionError):
-                self.drop_client()
-                return
         msg = None
         try:
             msg = m.parse(header, tuple(self.HANDLERS))
