@@ -24,6 +24,7 @@ import time
 import torch
 
 from ..lifecycle import exit_with_parent
+from ..protocol import bulk
 from ..protocol import messages as m
 from ..protocol.bulk import BulkStreams
 from ..protocol.fraction import GPUFraction
@@ -401,10 +402,8 @@ class Worker:
     def on_client(self):
         try:
             header, bufs = self.reader.recv()
-            if "bulk" in header:  # payloads that come over the bulk streams: whole, or hang up
-                if self.bulk is None:
-                    raise ProtocolError("bulk transfers announced, but no bulk stream is open")
-                self.bulk.receive(header, bufs, self.receive_buffer)
+            # Payloads that come over the bulk streams: whole, or hang up.
+            bulk.complete(self.bulk, header, bufs, self.receive_buffer)
         except ProtocolError as e:
             # The stream cannot be trusted after a bad frame: say why, then hang up.
             self.reply(m.error_reply("ProtocolError", str(e)))

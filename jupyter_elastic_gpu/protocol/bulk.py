@@ -318,6 +318,15 @@ class BulkStreams:
         self.socks, self._helpers = {}, []
 
 
+def complete(streams: BulkStreams | None, header: dict, bufs: list, alloc) -> None:
+    """Receive the payloads a frame announced on bulk streams (``BulkStreams.receive``); a
+    frame that announces none is complete already. Both ends read frames through this."""
+    if "bulk" in header:
+        if streams is None:
+            raise m.ProtocolError("bulk transfers announced, but no bulk stream is open")
+        streams.receive(header, bufs, alloc)
+
+
 def open_stream(host: str, port: int, hello: m.BulkHello, timeout, net_timeout: float):
     """Open one bulk stream (TLS when the environment configures it, as for the session's
     connection) and return it once the worker has taken it; ``PermissionError`` with the

@@ -411,12 +411,7 @@ class RemoteSession:
     def _read_frame(self):
         """The next frame, with the payloads it announced on the bulk streams."""
         header, bufs = self._reader.recv()
-        if "bulk" in header:
-            if self._bulk is None:
-                raise m.ProtocolError(
-                    "a reply announced bulk transfers, but no bulk stream is open"
-                )
-            self._bulk.receive(header, bufs, host_buffer)
+        bulk.complete(self._bulk, header, bufs, host_buffer)
         return header, bufs
 
     def _drain_owed(self):

@@ -84,6 +84,12 @@ class Block(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def _token_batch():
+    """Tokens for ``Block`` and their next-token targets."""
+    idx = torch.randint(0, 32, (2, 8), device="cuda")
+    return idx, torch.roll(idx, -1, 1)
+
+
 def _train_both(model, make_batch, loss_fn, steps=3, autocast=None):
     """Train an eager and a compiled remote copy of ``model``; return both loss curves. With
     ``autocast`` (a dtype) each forward runs under ``torch.autocast("cuda", autocast)``, the
@@ -179,13 +185,9 @@ def test_compiled_cnn_training_matches_eager_step_for_step(gpu):
 def test_compiled_transformer_block_training_matches_eager(gpu):
     torch.manual_seed(0)
 
-    def batch():
-        idx = torch.randint(0, 32, (2, 8), device="cuda")
-        return idx, torch.roll(idx, -1, 1)
-
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        curves, eager, base, compiled = _train_both(Block(), batch, lambda m, x, y: m(x, y))
+        curves, eager, base, compiled = _train_both(Block(), _token_batch, lambda m, x, y: m(x, y))
     _no_eager_warning(record)
     torch.testing.assert_close(curves["compiled"], curves["eager"], rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(
@@ -193,7 +195,7 @@ def test_compiled_transformer_block_training_matches_eager(gpu):
     )
     assert compiled._compiled.stats["compiled_calls"] == 3
     # Eager attention (remote/sdpa.py's kernels) is back once the capture is over.
-    idx, y = batch()
+    idx, y = _token_batch()
     with torch.no_grad():
         torch.testing.assert_close(
             eager(idx, y).cpu(), compiled(idx, y).cpu(), rtol=RTOL, atol=ATOL
@@ -309,14 +311,10 @@ BF16_RTOL, BF16_ATOL = 2e-2, 1e-2
 def test_compiled_training_under_bf16_autocast_matches_eager_step_for_step(gpu, shipped):
     torch.manual_seed(0)
 
-    def batch():
-        idx = torch.randint(0, 32, (2, 8), device="cuda")
-        return idx, torch.roll(idx, -1, 1)
-
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         curves, eager, base, compiled = _train_both(
-            Block(), batch, lambda m, x, y: m(x, y), autocast=torch.bfloat16
+            Block(), _token_batch, lambda m, x, y: m(x, y), autocast=torch.bfloat16
         )
     _no_eager_warning(record)
     _no_autocast_warning(record)
