@@ -309,12 +309,18 @@ def test_ops_are_batched_not_sent_one_by_one(remote):
         for _ in range(200):
             x = x + 1
         assert x[0].item() == 200
+        sent = [op for w in writes for op in w]
+        assert sent.count("batch") < 20 and sent[-1] == "fetch"
+        # The ops still queued at the sync point travel with its request, in one write. The
+        # background flush (every 2 ms) could send them first on a busy machine: hold it off
+        # so the queue is surely non-empty when the sync point comes.
+        sess._flush = lambda: None
+        y = x * 2
+        assert y[3].item() == 400
+        assert writes[-1] == ["batch", "fetch"]
     finally:
         sess._send_frames = orig
-    sent = [op for w in writes for op in w]
-    assert sent.count("batch") < 20 and sent[-1] == "fetch"
-    # The ops still queued at the sync point travel with its request, in one write.
-    assert writes[-1] == ["batch", "fetch"]
+        del sess._flush
 
 
 def ctrl_c_drops_queued_work(n):
