@@ -177,6 +177,7 @@ class Replayer:
         import torch
 
         executor = importlib.import_module(f"{package}.agent.executor")
+        worker = importlib.import_module(f"{package}.agent.worker")
         m = importlib.import_module(f"{package}.protocol.messages")
         if not Replayer.registered:  # the kernels a worker registers at start (agent/worker.py)
             from jupyter_elastic_gpu.agent import attention, cpu_kernels
@@ -193,16 +194,21 @@ class Replayer:
         self.executor_type = executor.SessionExecutor
         self.marks = [i for i, (h, _) in enumerate(frames) if h == "mark"]
         self.cuda_bookkeeping = cuda_bookkeeping
-        # The worker polls its control socket for interrupts; so does the replay.
+        # The worker polls its control socket for interrupts (at most every POLL_SECONDS where
+        # that tree's worker has one); so does the replay.
         self.ctl, self.peer = socket.socketpair()
+        self.poll_every, self.next_poll = getattr(worker, "POLL_SECONDS", 0.0), 0.0
 
     def close(self):
         self.ctl.close()
         self.peer.close()
 
     def interrupted(self):
-        while select.select([self.ctl], [], [], 0)[0]:
-            self.ctl.recv(1 << 16)
+        now = time.monotonic()
+        if now >= self.next_poll:
+            self.next_poll = now + self.poll_every
+            while select.select([self.ctl], [], [], 0)[0]:
+                self.ctl.recv(1 << 16)
         return False
 
     def fresh(self):

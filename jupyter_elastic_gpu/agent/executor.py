@@ -26,7 +26,7 @@ from ..protocol.messages import (
     parse_sig_def,
     template_size,
 )
-from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result
+from ..protocol.values import DTYPE_NAMES, PIN_MAX_BYTES, ArgumentDecoder, encode_result
 
 # torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
 # file and image decoders live in another ("image"), which stays closed.
@@ -683,8 +683,13 @@ class SessionExecutor:
             # A dense copy (expanded or sliced tensors cannot be viewed as bytes), into pinned
             # memory from a GPU when it is large: the copy runs at PCIe speed and is sent from
             # where it lands (a scalar for .item() needs no allocator round trip).
-            pin = t.is_cuda and t.numel() * t.element_size() >= 1 << 16
-            data = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t)
+            nbytes = t.numel() * t.element_size()
+            pin = t.is_cuda and 1 << 16 <= nbytes <= PIN_MAX_BYTES
+            try:
+                data = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            except RuntimeError:  # page-locked memory exhausted
+                data = torch.empty(t.shape, dtype=t.dtype)
+            data.copy_(t)
         raw = (
             data.reshape(-1).view(torch.uint8)
             if data.numel()
@@ -752,7 +757,8 @@ class SessionExecutor:
 
     def _synchronize(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            for d in dict.fromkeys(self.devices):  # a swap's copies run on each of its GPUs
+                torch.cuda.synchronize(d)
 
 
 def _aligned(n: int) -> int:

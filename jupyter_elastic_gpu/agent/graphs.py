@@ -279,11 +279,12 @@ class SessionGraphs:
 class _Compiled:
     """A compiled graph, the inputs it was compiled for and the outputs it gives.
 
-    Inductor's code trusts its inputs' dtypes, shapes and strides: a tensor of another
-    layout would be read out of its bounds, so every run checks them first."""
+    Inductor's code trusts its inputs' devices, dtypes, shapes and strides: a tensor of
+    another layout would be read out of its bounds, one on another GPU with kernels built for
+    this one, so every run checks them first."""
 
-    def __init__(self, compiled, specs, outputs):
-        self.compiled, self.specs, self.outputs = compiled, specs, outputs
+    def __init__(self, compiled, specs, outputs, device):
+        self.compiled, self.specs, self.outputs, self.device = compiled, specs, outputs, device
 
     def check(self, args) -> None:
         if len(args) != len(self.specs):
@@ -291,6 +292,10 @@ class _Compiled:
                 f"the graph takes {len(self.specs)} inputs, the record names {len(args)}"
             )
         for k, (t, (dtype, shape, stride)) in enumerate(zip(args, self.specs, strict=True)):
+            if t.device != self.device:
+                raise ProtocolError(
+                    f"graph input {k} is on {t.device}; the graph was compiled for {self.device}"
+                )
             if t.dtype != dtype or list(t.shape) != shape or list(t.stride()) != stride:
                 raise ProtocolError(
                     f"graph input {k} is a {str(t.dtype).removeprefix('torch.')} tensor of "
@@ -323,7 +328,12 @@ def _inductor(gm, mode, dev, device_kind):
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {} if mode in (None, "default") else list_mode_options(mode)
+        patches = {} if mode in (None, "default") else dict(list_mode_options(mode))
+        # reduce-overhead and max-autotune turn on CUDA graph trees, which start a new
+        # generation only when Dynamo enters a frame (never here) and whose outputs must be
+        # dead before a replay (the session's table keeps them): every call would record
+        # anew. Their kernel choices and autotuning stay; the graphs do not.
+        patches["triton.cudagraphs"] = False
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -354,7 +364,7 @@ def _inductor(gm, mode, dev, device_kind):
         }
         for o in outs
     ]
-    return _Compiled(compiled, specs, outputs), "disk" if hit else "miss"
+    return _Compiled(compiled, specs, outputs, dev), "disk" if hit else "miss"
 
 
 def _disk_hits() -> int:

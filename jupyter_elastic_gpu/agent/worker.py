@@ -45,6 +45,8 @@ SPIN_SECONDS = float(
     os.environ.get("ELASTIC_GPU_SPIN_US", 1000 if (os.cpu_count() or 1) >= 4 else 0)
 ) / 1e6
 
+POLL_SECONDS = 0.001  # how often a running batch looks for an interrupt
+
 
 class Worker:
     def __init__(self, opts):
@@ -78,6 +80,7 @@ class Worker:
         self.fatal = False
         self.cancel_epoch = 0  # batches of an older epoch than this were interrupted
         self.batch_epoch = 0
+        self._next_poll = 0.0
         self.swapped = False
         self.last_swap_in = None
         self.ctl = socket.socket(fileno=opts.control_fd)
@@ -95,6 +98,9 @@ class Worker:
         gpus = cmd.get("gpus") or [0]
         if self.device_kind == "cuda":
             self.devices = [torch.device("cuda", g) for g in gpus]
+            # Events, synchronize() and pinned allocations use the current device: without
+            # this, a worker given GPU 2 would make a context on GPU 0 for them.
+            torch.cuda.set_device(self.devices[0])
         else:
             self.devices = [torch.device("cpu")] * max(1, len(gpus))
         self.executor = SessionExecutor(self.devices, OpResolver(self.opts.namespaces.split(",")))
@@ -269,9 +275,15 @@ class Worker:
         return self.tls.wrap_socket(conn, server_side=True)
 
     def interrupted(self) -> bool:
-        """Poll the control socket without blocking: was the batch running now interrupted?"""
-        while select.select([self.ctl], [], [], 0)[0]:
-            self.on_control()
+        """Poll the control socket without blocking: was the batch running now interrupted?
+
+        At most once per ``POLL_SECONDS``: a ``select`` costs more than a small op's dispatch,
+        and a millisecond more is nothing against the second an interrupt may take."""
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + POLL_SECONDS
+            while select.select([self.ctl], [], [], 0)[0]:
+                self.on_control()
         return self.batch_epoch < self.cancel_epoch
 
     def swap_out(self, extent=None):
@@ -547,6 +559,7 @@ class Worker:
     def _empty_cache(self, msg, bufs):
         if self.device_kind == "cuda":
             torch.cuda.empty_cache()
+            torch._C._host_emptyCache()  # the pinned blocks of uploads and fetches, too
         return (self.status(),)
 
     def _compile_graph(self, msg: m.CompileGraph, bufs):

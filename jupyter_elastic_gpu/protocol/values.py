@@ -94,6 +94,12 @@ _HUGE = 2 << 20
 _libc = None
 
 
+# The caching host allocator rounds a pinned block up to a power of two and keeps it for the
+# process's life: a 9 GiB upload would lock 16 GiB of the node's memory for good. Payloads
+# above this go pageable (their copy to the GPU is then synchronous, still at PCIe speed).
+PIN_MAX_BYTES = 1 << 30
+
+
 def host_buffer(nbytes: int, pin: bool = False):
     """Memory for a received payload, as ``FrameReader``'s ``alloc``: a uint8 tensor and a
     writable view of it.
@@ -103,8 +109,15 @@ def host_buffer(nbytes: int, pin: bool = False):
     Pageable memory is fresh from the kernel, and faulting it in 4 KiB pages costs more than
     the copy off the socket: transparent huge pages are asked for, where the system offers
     them on request, so a large payload takes a few hundred faults, not tens of thousands."""
-    t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    if not pin and nbytes >= 2 * _HUGE:
+    t = None
+    if pin and nbytes <= PIN_MAX_BYTES:
+        try:
+            t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # page-locked memory exhausted: pageable does, only slower
+            t = None
+    if t is None:
+        t = torch.empty(nbytes, dtype=torch.uint8)
+    if not t.is_pinned() and nbytes >= 2 * _HUGE:
         _advise_huge(t.data_ptr(), nbytes)
     return t, t.numpy()
 

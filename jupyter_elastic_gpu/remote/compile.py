@@ -197,6 +197,9 @@ class RemoteCompiledModule(nn.Module):
 def _tensor_key(t):
     if not isinstance(t, RemoteTensor):
         raise CompileFallback(f"a {t.device} tensor argument (only remote GPU tensors compile)")
+    if t._idx:
+        # The agent compiles for the session's first GPU and refuses inputs on any other.
+        raise CompileFallback(f"a tensor on cuda:{t._idx} (graphs compile for cuda:0 only)")
     return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.requires_grad, t._idx)
 
 

@@ -252,3 +252,27 @@ def test_a_large_batch_after_an_abandoned_large_reply_does_not_deadlock():
         sess.close()
         a.close()
         b.close()
+
+
+def test_a_payload_that_cannot_be_pinned_is_received_into_pageable_memory(monkeypatch):
+    # Page-locked memory runs out (or, above PIN_MAX_BYTES, is not asked for: the caching
+    # host allocator would keep a power-of-two block of it for the worker's life); the
+    # upload still lands, its copy to the GPU is only synchronous.
+    from jupyter_elastic_gpu.protocol import values
+
+    real_empty = torch.empty
+    asked = []
+
+    def empty(*a, pin_memory=False, **kw):
+        asked.append(pin_memory)
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real_empty(*a, **kw)
+
+    monkeypatch.setattr(values.torch, "empty", empty)
+    t, view = values.host_buffer(4096, pin=True)
+    assert asked == [True, False] and not t.is_pinned() and len(view) == 4096
+    asked.clear()
+    monkeypatch.setattr(values, "PIN_MAX_BYTES", 1024)
+    t, view = values.host_buffer(4096, pin=True)
+    assert asked == [False] and len(view) == 4096

@@ -167,3 +167,42 @@ def test_hostile_graphs_through_a_real_agent_leave_it_serving(agent, own_session
         assert (x + 1).sum().item() == 6.0
     with own_session(agent.address):  # and so do others
         assert torch.full((2,), 2.0, device="cuda").sum().item() == 4.0
+
+
+def test_a_graph_runs_only_on_inputs_of_the_device_it_was_compiled_for():
+    # Kernels built for one GPU would read another GPU's pointers as their own: a record
+    # naming a tensor of another of the session's GPUs is refused before anything runs.
+    from jupyter_elastic_gpu.agent.graphs import _Compiled
+    from jupyter_elastic_gpu.protocol.frames import ProtocolError
+
+    ran = []
+    g = _Compiled(lambda *a: ran.append(a), [(torch.float32, [2], [1])], [], torch.device("cpu"))
+    g.check([torch.zeros(2)])
+    with pytest.raises(ProtocolError, match="on meta; the graph was compiled for cpu"):
+        g.check([torch.zeros(2, device="meta")])
+    assert not ran
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_the_agent_never_turns_on_cuda_graphs(monkeypatch, mode):
+    # CUDA graph trees replay only once their outputs are dead and start a new generation
+    # only when Dynamo enters a frame: the agent keeps outputs in the session's table and
+    # calls inductor directly, so with them every call would record a new graph.
+    import torch._inductor.compile_fx as cfx
+
+    from jupyter_elastic_gpu.agent import graphs
+
+    seen = {}
+    real = cfx.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    gm = check(GOOD)
+    graphs._bind_devices(gm, [torch.device("cpu")])
+    fn, _cache = graphs._inductor(gm, mode, torch.device("cpu"), "cpu")
+    assert seen["triton.cudagraphs"] is False
+    a, b = torch.randn(2, 2), torch.randn(2, 2)
+    torch.testing.assert_close(fn([a, b])[0], (a @ b).relu())
