@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import warnings
 
 import pytest
@@ -290,6 +291,21 @@ def test_decorator_form_and_modes_are_accepted(gpu):
     with pytest.raises(RuntimeError, match="Unrecognized mode"):
         torch.compile(lambda x: x, mode="fastest")
     assert torch.compile(f, disable=True) is f
+
+
+def test_a_model_on_the_second_gpu_of_a_slice_runs_eagerly(compile_agent, own_session):
+    # The agent compiles for the session's first GPU and refuses a graph's inputs on another.
+    if AGENT_DEVICE == "cuda" and not os.environ.get("ELASTIC_GPU_TEST_TWO_GPUS"):
+        pytest.skip("a CUDA agent needs two GPUs for this (set ELASTIC_GPU_TEST_TWO_GPUS=1)")
+    with own_session(compile_agent.address, 2.0):
+        model = nn.Linear(3, 2).to("cuda:1")
+        compiled = torch.compile(model)
+        x = torch.randn(2, 3, device="cuda:1")
+        with pytest.warns(UserWarning, match="graphs compile for cuda:0 only"):
+            out = compiled(x)
+        assert out.device == torch.device("cuda", 1)
+        torch.testing.assert_close(out.cpu(), model(x).cpu())
+        assert compiled._compiled.stats["compiled_calls"] == 0
 
 
 def test_cpu_tensors_run_eagerly(gpu):
