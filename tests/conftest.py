@@ -7,6 +7,7 @@ CUDA hidden, as a kernel on a CPU node would); tests marked ``gpu`` skip otherwi
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
@@ -14,6 +15,12 @@ import pytest
 from jupyter_elastic_gpu.agent.local import LocalAgent, free_port, wait_for_port  # noqa: F401
 
 AGENT_DEVICE = os.environ.get("ELASTIC_GPU_TEST_DEVICE", "cpu")
+
+# Tests press Ctrl-C (SIGINT) as a user does. A shell script that starts a job in the
+# background (`cmd &`, nohup) starts it with SIGINT ignored, Python then leaves it ignored,
+# and so would every process the tests start: give them what a kernel has.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class AgentProcess(LocalAgent):
