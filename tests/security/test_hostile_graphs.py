@@ -193,11 +193,13 @@ def test_the_agent_never_turns_on_cuda_graphs(monkeypatch, mode):
     from jupyter_elastic_gpu.agent import graphs
 
     seen = {}
-    real = cfx.compile_fx
 
     def spy(gm, example_inputs, config_patches=None, **kw):
+        # What the agent asks inductor for is the point here, not inductor itself (the real
+        # compile of these modes runs in test_compile; this process may hold the client's
+        # facade from an earlier test, which a compile for the CPU would trip over).
         seen.update(config_patches or {})
-        return real(gm, example_inputs, config_patches=config_patches, **kw)
+        return gm
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
     gm = check(GOOD)
