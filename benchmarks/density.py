@@ -528,7 +528,7 @@ def main(argv=None):
     ap.add_argument("--memory-gib", type=float, default=2.0, help="CPU agent's emulated GPU memory")
     ap.add_argument(
         "--swap-policy",
-        choices=["pressure", "always", "never"],
+        choices=["pressure", "ahead", "always", "never"],
         default="pressure",
         help="the elastic agents' --swap-policy",
     )

@@ -54,10 +54,11 @@ def _agent(argv):
     )
     p.add_argument(
         "--swap-policy",
-        choices=["pressure", "always", "never"],
+        choices=["pressure", "ahead", "always", "never"],
         default="pressure",
         help="when to move idle sessions' tensors to host memory: when another session needs "
-        "the GPU memory (default), at every detach, or never",
+        "the GPU memory (default), after a detach when the next slice of that size would not "
+        "fit (off the next attach's path), at every detach, or never",
     )
     p.add_argument(
         "--swap-arena-gib",

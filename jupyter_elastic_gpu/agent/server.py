@@ -232,6 +232,10 @@ class SessionWorker:
                 self.last_used = time.monotonic()
                 if self.agent.swap_policy == "always":
                     self.request_swap_out()
+                elif self.agent.swap_policy == "ahead":
+                    threading.Thread(
+                        target=self.agent.make_room, args=(self, self.cap, True), daemon=True
+                    ).start()
             elif kind == "swapped":
                 self.swapped = bool(ev.get("ok")) or self.swapped
                 if ev.get("ok"):
@@ -528,9 +532,13 @@ class Agent:
     def gpu_memory(self, gpu: int) -> int:
         return self.gpu_totals().get(gpu, 0)
 
-    def make_room(self, worker: SessionWorker, need: int) -> None:
+    def make_room(self, worker: SessionWorker, need: int, ahead: bool = False) -> None:
         """Swap idle sessions on ``worker``'s GPUs out, least recently used first, until ``need``
-        bytes fit beside the memory of the sessions that stay."""
+        bytes fit beside the memory of the sessions that stay.
+
+        ``ahead``: ``worker`` has just detached, and room for a slice like the one it held is
+        made now, while nobody waits, rather than in the next attach's hello (it may be
+        swapped itself, last, being the most recently used)."""
         if self.swap_policy == "never":
             return
         gpu = worker.gpus[0]
@@ -540,7 +548,11 @@ class Agent:
         total = min(self.gpu_memory(gpu), worker.gpu_total or float("inf"))
         while True:
             with self.lock:
-                same = [w for w in self.workers.values() if w is not worker and gpu in w.gpus]
+                same = [
+                    w
+                    for w in self.workers.values()
+                    if (ahead or w is not worker) and gpu in w.gpus
+                ]
             # Attached sessions are entitled to their whole slice; idle ones hold what they use.
             resident = sum(
                 w.cap if (w.attached or w.attaching) else 0 if w.swapped else w.in_use for w in same

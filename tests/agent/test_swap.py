@@ -116,6 +116,36 @@ def test_policy_never_keeps_idle_sessions_resident(make_agent):
     b.close()
 
 
+def wait_until(cond, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.mark.parametrize("policy", ["pressure", "ahead"])
+def test_policy_ahead_makes_room_after_a_detach_not_in_the_next_hello(
+    make_agent, own_session, policy
+):
+    # A 256 MiB "GPU": an idle session holds 80 MiB, another half-GPU slice uses 100 MiB and
+    # detaches. Another half slice would not fit beside both: `ahead` swaps the older idle
+    # session out now, while nobody waits; `pressure` leaves it to the next attach.
+    agent = make_agent("--cpu-memory-gib", "0.25", "--swap-policy", policy, device="cpu")
+    with own_session(agent.address, 0.5) as a:
+        big = torch.ones(20 << 20, device="cuda")
+        assert big[0].item() == 1.0
+        a.release()
+        with own_session(agent.address, 0.5) as c:
+            mine = torch.ones(25 << 20, device="cuda")
+            assert mine[-1].item() == 1.0
+            c.release()
+            swapped = wait_until(lambda: session_info(agent.address, a.session_id)["swapped"], 3)
+            assert swapped is (policy == "ahead")
+            assert session_info(agent.address, c.session_id)["swapped"] is False
+        assert big.sum().item() == float(20 << 20)  # back on use
+        assert session_info(agent.address, a.session_id)["swapped"] is False
+
+
 def test_a_worker_whose_session_is_ending_is_neither_picked_nor_waited_for():
     # The race the density benchmark found: a victim whose kernel just closed its session
     # still has a live process while it exits; its last "nothing to wait for" wake-up may fire
