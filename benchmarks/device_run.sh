@@ -41,12 +41,13 @@ case "${1:-}" in
       tests/remote/test_cuda_semantics.py tests/remote/test_training_parity.py \
       tests/remote/test_signatures.py tests/agent/test_bulk_streams.py \
       tests/remote/test_client_hot_path.py tests/remote/test_compile.py ;;
-  density)  # issue #17
+  density)  # issue #17 (MODES=elastic SWAP_POLICY=ahead: the other swap policy)
     pip install -q --no-index --no-deps --target /tmp/dsite "$WHEELS"/density/*.whl \
       > "$OUT/pip.txt" 2>&1
     PYTHONPATH=$PWD:/tmp/dsite run density 540 python benchmarks/density.py --device cuda \
       --users "${USERS:-8,12,16}" --modes "${MODES:-elastic,timeslice,exclusive}" \
-      --scale 0.15 --window "${WINDOW:-200}" --out "$OUT/density-gpu.json" \
+      --swap-policy "${SWAP_POLICY:-pressure}" --scale 0.15 --window "${WINDOW:-200}" \
+      --out "$OUT/density-gpu.json" \
       --plot "$OUT/density-gpu.png" ;;
   dataplane)  # issue #15
     pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/py_spy*.whl \
