@@ -24,6 +24,13 @@ import torch
 aten = torch.ops.aten
 CONVOLUTIONS = frozenset({aten.convolution.default, aten._convolution.default})
 LAYOUT_CHECKED = frozenset({aten.native_group_norm.default})
+# Kernels that read two tensors as if laid out alike and do not check it: the CPU kernel of
+# native_group_norm_backward walks dy with x's memory format, so a channels_last dy beside a
+# contiguous x gives a wrong gradient, silently. Autograd asks for both ``.contiguous()`` on
+# a device other than the CPU (the client's remote device), a no-op by the client's meta
+# strides; the agent's dy may still be channels_last (oneDNN's convolution_backward returns
+# it so), so the agent makes both contiguous for real.
+BOTH_CONTIGUOUS = frozenset({aten.native_group_norm_backward.default})
 
 
 def conv_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..layouts import CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
+from ..layouts import BOTH_CONTIGUOUS, CONVOLUTIONS, LAYOUT_CHECKED, conform, dense_input
 from ..protocol.messages import (
     HOLE_FLOAT,
     HOLE_TENSOR,
@@ -61,6 +61,7 @@ _FACTORIES = frozenset(
 )
 # What an op needs besides being called, decided once per op name (SessionExecutor._plan).
 _FACTORY, _CONVOLUTION, _LAYOUT_CHECKED, _UPLOAD = "factory", "convolution", "layout", "upload"
+_BOTH_CONTIGUOUS = "contiguous"
 # The agent runs ahead of the GPU by at most this much queued work (see _bound_run_ahead);
 # it bounds how long an interrupt waits for work already launched.
 RUN_AHEAD_SECONDS = 0.25
@@ -220,6 +221,8 @@ class SessionExecutor:
             kind = _CONVOLUTION
         elif op in LAYOUT_CHECKED:
             kind = _LAYOUT_CHECKED
+        elif op in BOTH_CONTIGUOUS:
+            kind = _BOTH_CONTIGUOUS
         elif op._schema.name in _FACTORIES:
             kind = _FACTORY
         elif op in UPLOADS and self.cuda:
@@ -381,6 +384,8 @@ class SessionExecutor:
             return kernel(*a, **k)
         if kind is _LAYOUT_CHECKED:
             a[0] = dense_input(a[0])
+        elif kind is _BOTH_CONTIGUOUS:
+            a[0], a[1] = a[0].contiguous(), a[1].contiguous()
         elif self.cap_bytes is not None:  # a factory, on an agent that enforces the cap
             self._precheck(op, a, k)
         return kernel(*a, **k)

@@ -162,3 +162,32 @@ def test_call_returns_input_ids_new_tensors_and_values(ex):
     new = ex.call("aten::nonzero.default", [t(1)], {}, [])
     assert new["new"] < 0 and new["size"] == [3, 1] and new["new"] in ex.tensors
     assert ex.call("aten::_local_scalar_dense.default", [t(1)], {}, []) == 0.0
+
+
+@pytest.mark.parametrize("which", ["dy", "x"])
+def test_group_norm_backward_is_right_when_the_agents_layouts_differ(ex, which):
+    # The client's autograd asked for both contiguous (a no-op by its meta strides), but a
+    # oneDNN convolution_backward may have left the agent's dy channels_last: the CPU kernel,
+    # given two layouts, would silently return a wrong gradient.
+    torch.manual_seed(0)
+    x, dy, w = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8), torch.randn(32)
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, w, None, 2, 32, 64, 8, 1e-5)
+    want = torch.ops.aten.native_group_norm_backward(
+        dy, x, mean, rstd, w, 2, 32, 64, 8, [True, True, True]
+    )
+    held = {"dy": dy, "x": x}
+    held[which] = held[which].contiguous(memory_format=torch.channels_last)
+    ex.tensors.update({1: held["dy"], 2: held["x"], 3: mean, 4: rstd, 5: w})
+    run(
+        ex,
+        (
+            "aten::native_group_norm_backward.default",
+            [t(1), t(2), t(3), t(4), t(5), 2, 32, 64, 8, [True, True, True]],
+            {},
+            [6, 7, 8],
+            0,
+        ),
+    )
+    assert ex.error is None
+    for rid, expected in zip((6, 7, 8), want, strict=True):
+        torch.testing.assert_close(ex.tensors[rid], expected)
