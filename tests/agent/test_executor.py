@@ -169,8 +169,10 @@ def test_group_norm_backward_is_right_when_the_agents_layouts_differ(ex, which):
     # The client's autograd asked for both contiguous (a no-op by its meta strides), but a
     # oneDNN convolution_backward may have left the agent's dy channels_last: the CPU kernel,
     # given two layouts, would silently return a wrong gradient.
-    torch.manual_seed(0)
-    x, dy, w = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8), torch.randn(32)
+    g = torch.Generator().manual_seed(0)  # not torch.manual_seed: this process may hold the
+    # client's CUDA facade from an earlier test, which would seed a remote GPU too
+    x, dy = torch.randn(2, 32, 8, 8, generator=g), torch.randn(2, 32, 8, 8, generator=g)
+    w = torch.randn(32, generator=g)
     _, mean, rstd = torch.ops.aten.native_group_norm(x, w, None, 2, 32, 64, 8, 1e-5)
     want = torch.ops.aten.native_group_norm_backward(
         dy, x, mean, rstd, w, 2, 32, 64, 8, [True, True, True]
