@@ -26,7 +26,7 @@ from ..protocol.messages import (
     parse_sig_def,
     template_size,
 )
-from ..protocol.values import DTYPE_NAMES, PIN_MAX_BYTES, ArgumentDecoder, encode_result
+from ..protocol.values import DTYPE_NAMES, ArgumentDecoder, encode_result, host_empty
 
 # torchvision's namespace holds tensor kernels only (nms, roi_align, deform_conv2d...); its
 # file and image decoders live in another ("image"), which stays closed.
@@ -688,13 +688,8 @@ class SessionExecutor:
             # A dense copy (expanded or sliced tensors cannot be viewed as bytes), into pinned
             # memory from a GPU when it is large: the copy runs at PCIe speed and is sent from
             # where it lands (a scalar for .item() needs no allocator round trip).
-            nbytes = t.numel() * t.element_size()
-            pin = t.is_cuda and 1 << 16 <= nbytes <= PIN_MAX_BYTES
-            try:
-                data = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-            except RuntimeError:  # page-locked memory exhausted
-                data = torch.empty(t.shape, dtype=t.dtype)
-            data.copy_(t)
+            pin = t.is_cuda and t.numel() * t.element_size() >= 1 << 16
+            data = host_empty(t.shape, t.dtype, pin).copy_(t)
         raw = (
             data.reshape(-1).view(torch.uint8)
             if data.numel()

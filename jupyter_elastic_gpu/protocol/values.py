@@ -22,6 +22,8 @@ this module (torch-free processes use ``messages`` and ``frames``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .messages import HOLE_FLOAT, HOLE_TENSOR, ProtocolError
@@ -100,6 +102,17 @@ _libc = None
 PIN_MAX_BYTES = 1 << 30
 
 
+def host_empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """``torch.empty`` in host memory, page-locked if ``pin`` and the size allows it, else (or
+    when page-locked memory has run out) pageable."""
+    if pin and math.prod(shape) * dtype.itemsize <= PIN_MAX_BYTES:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # page-locked memory exhausted: pageable does, only slower
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
 def host_buffer(nbytes: int, pin: bool = False):
     """Memory for a received payload, as ``FrameReader``'s ``alloc``: a uint8 tensor and a
     writable view of it.
@@ -109,15 +122,8 @@ def host_buffer(nbytes: int, pin: bool = False):
     Pageable memory is fresh from the kernel, and faulting it in 4 KiB pages costs more than
     the copy off the socket: transparent huge pages are asked for, where the system offers
     them on request, so a large payload takes a few hundred faults, not tens of thousands."""
-    t = None
-    if pin and nbytes <= PIN_MAX_BYTES:
-        try:
-            t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError:  # page-locked memory exhausted: pageable does, only slower
-            t = None
-    if t is None:
-        t = torch.empty(nbytes, dtype=torch.uint8)
-    if not t.is_pinned() and nbytes >= 2 * _HUGE:
+    t = host_empty((nbytes,), torch.uint8, pin)
+    if nbytes >= 2 * _HUGE and not t.is_pinned():
         _advise_huge(t.data_ptr(), nbytes)
     return t, t.numpy()
 
